@@ -1,0 +1,64 @@
+"""Model registry: build a Linen module from the `model` section of a config."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import ml_collections
+
+from magnet_jax.models.magnet import MagNet, binary_mask, mask_logits_at
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def build_magnet(cfg: ml_collections.ConfigDict) -> MagNet:
+    if cfg.dtype not in DTYPES:
+        raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {cfg.dtype!r}")
+    swin, bert, fusion = cfg.swin, cfg.bert, cfg.fusion
+    if swin.embed_dim % 4:
+        raise ValueError(f"model.swin.embed_dim must be a multiple of 4, got {swin.embed_dim}")
+    if bert.hidden_size % bert.num_heads:
+        raise ValueError(f"model.bert.hidden_size {bert.hidden_size} is not divisible by "
+                         f"model.bert.num_heads {bert.num_heads}")
+    ends = tuple(bert.stage_ends)
+    if list(ends) != sorted(ends) or ends[-1] != bert.num_layers or ends[0] < 1:
+        raise ValueError(f"model.bert.stage_ends {ends} must increase and end at "
+                         f"model.bert.num_layers={bert.num_layers}")
+    image_kwargs = dict(patch_size=swin.patch_size, embed_dim=swin.embed_dim,
+                        depths=tuple(swin.depths), num_heads=tuple(swin.num_heads),
+                        window_size=swin.window_size, mlp_ratio=swin.mlp_ratio,
+                        drop_path_rate=swin.drop_path_rate,
+                        pyramid_pools=tuple(fusion.pyramid_pools), remat=cfg.remat)
+    language_kwargs = dict(vocab_size=bert.vocab_size, hidden_size=bert.hidden_size,
+                           num_layers=bert.num_layers, num_heads=bert.num_heads,
+                           intermediate_size=bert.intermediate_size,
+                           max_position_embeddings=bert.max_position_embeddings,
+                           type_vocab_size=bert.type_vocab_size,
+                           layer_norm_eps=bert.layer_norm_eps,
+                           hidden_dropout=bert.hidden_dropout,
+                           attention_dropout=bert.attention_dropout, remat=cfg.remat)
+    pd, dec = cfg.pixel_decoder, cfg.decoder
+    pixel_kwargs = dict(conv_dim=pd.conv_dim, ffn_dim=pd.ffn_dim, num_layers=pd.num_layers,
+                        num_heads=pd.num_heads, num_points=pd.num_points, remat=cfg.remat)
+    decoder_kwargs = dict(hidden_dim=dec.hidden_dim, num_heads=dec.num_heads,
+                          num_layers=dec.num_layers, ffn_dim=dec.ffn_dim,
+                          num_queries=dec.num_queries, num_classes=dec.num_classes)
+    if pd.conv_dim != dec.hidden_dim:
+        raise ValueError(f"model.pixel_decoder.conv_dim ({pd.conv_dim}) must equal "
+                         f"model.decoder.hidden_dim ({dec.hidden_dim})")
+    return MagNet(image_model_kwargs=image_kwargs, language_model_kwargs=language_kwargs,
+                  text_stage_ends=ends, lang_pwam_mask=fusion.lang_pwam_mask,
+                  pixel_decoder_kwargs=pixel_kwargs, decoder_kwargs=decoder_kwargs,
+                  dtype=DTYPES[cfg.dtype])
+
+
+MODELS = {"magnet": build_magnet}
+
+
+def build_model(cfg: ml_collections.ConfigDict):
+    """Build the Linen module named by cfg.name (the `model` config section)."""
+    if cfg.name not in MODELS:
+        raise ValueError(f"unknown model.name {cfg.name!r}; known: {sorted(MODELS)}")
+    return MODELS[cfg.name](cfg)
+
+
+__all__ = ["build_model", "MagNet", "mask_logits_at", "binary_mask"]

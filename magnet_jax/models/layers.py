@@ -1,0 +1,90 @@
+"""Small layers shared by the MagNet modules: Dense/norm factories with PyTorch numerics,
+stochastic depth and the tanh gates.
+
+Every factory takes the logical axis names used by `magnet_jax.sharding`; norm scales and
+biases stay unannotated (replicated).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+Initializer = Callable[..., jax.Array]
+
+# Exact erf GELU everywhere (magnet_architecture.md §8); Flax defaults to the tanh form.
+gelu = functools.partial(nn.gelu, approximate=False)
+
+# timm trunc_normal_(std=0.02) truncates at ±2 absolute, i.e. effectively N(0, 0.02²).
+normal_002 = nn.initializers.normal(0.02)
+# PyTorch's default Linear/Conv init: kaiming_uniform(a=√5) = U(±1/√fan_in).
+torch_default_kernel = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def dense(features: int, *, name: str, use_bias: bool = True,
+          kernel_init: Initializer = normal_002,
+          bias_init: Initializer = nn.initializers.zeros,
+          axes: tuple[str | None, str | None] = ("embed", "mlp"),
+          dtype: Dtype = jnp.float32, precision=None) -> nn.Dense:
+    """nn.Dense with a logically partitioned kernel (PyTorch Linear / 1×1 conv equivalent)."""
+    return nn.Dense(
+        features, use_bias=use_bias, name=name, dtype=dtype, param_dtype=jnp.float32,
+        precision=precision,
+        kernel_init=nn.with_logical_partitioning(kernel_init, axes),
+        bias_init=nn.with_logical_partitioning(bias_init, (axes[1],)))
+
+
+def layer_norm(epsilon: float, *, name: str, dtype: Dtype = jnp.float32) -> nn.LayerNorm:
+    """PyTorch LayerNorm numerics: two-pass biased variance, explicit epsilon."""
+    return nn.LayerNorm(epsilon=epsilon, use_fast_variance=False, name=name, dtype=dtype,
+                        param_dtype=jnp.float32)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth per sample (timm DropPath); identity when deterministic or rate 0."""
+    rate: float
+
+    @nn.compact
+    def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
+        if deterministic or self.rate == 0.0:
+            return x
+        keep = 1.0 - self.rate
+        shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+        mask = jax.random.bernoulli(self.make_rng("droppath"), keep, shape)
+        return jnp.where(mask, x / keep, jnp.zeros_like(x))
+
+
+class TanhGate(nn.Module):
+    """Gated residual x + tanh(fc2(act(fc1(f)))) ⊙ f (magnet_architecture.md §3.2, §4.2).
+
+    The image side uses GELU, the language side ReLU; both Dense layers have no bias.
+    """
+    features: int
+    activation: str = "gelu"
+    kernel_init: Initializer = normal_002
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, f: jax.Array) -> jax.Array:
+        act = gelu if self.activation == "gelu" else nn.relu
+        h = dense(self.features, name="fc1", use_bias=False, kernel_init=self.kernel_init,
+                  dtype=self.dtype)(f)
+        h = dense(self.features, name="fc2", use_bias=False, kernel_init=self.kernel_init,
+                  dtype=self.dtype)(act(h))
+        return x + jnp.tanh(h) * f
+
+
+def stochastic_depth_rates(total_rate: float, depths: Sequence[int]) -> list[list[float]]:
+    """Per-block drop-path rates, linspace(0, total_rate, sum(depths)) split by stage."""
+    n = sum(depths)
+    flat = [total_rate * i / (n - 1) if n > 1 else 0.0 for i in range(n)]
+    out, start = [], 0
+    for d in depths:
+        out.append(flat[start:start + d])
+        start += d
+    return out

@@ -1,0 +1,209 @@
+"""MagNet: the interleaved multimodal Swin / BERT encoder, pixel decoder and mask decoder.
+
+magnet_architecture.md §1 gives the schedule. Per stage s: Swin blocks, BERT layers, then
+image-side fusion and language-side fusion, both from the pre-fusion tensors. The parameter
+tree matches the official state_dict (§9) up to Linen naming.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from magnet_jax.models import ops
+from magnet_jax.models.bert import BertEmbeddings, BertEncoder, additive_attention_mask
+from magnet_jax.models.fusion import (ImagePWAM, LanguagePWAM, Mixer, PyramidPool,
+                                      fuse_image_stage)
+from magnet_jax.models.layers import TanhGate, stochastic_depth_rates
+from magnet_jax.models.mask_decoder import MaskedAttentionDecoder
+from magnet_jax.models.msdeform import PixelDecoder
+from magnet_jax.models.swin import PatchEmbed, PatchMerging, SwinBlock
+
+Dtype = Any
+LANG_PWAM_MASKS = ("official", "binary")
+
+
+class ImageStage(nn.Module):
+    """One stage of the multimodal Swin (`image_model/layers_s`)."""
+    dim: int
+    depth: int
+    num_heads: int
+    window_size: int
+    mlp_ratio: float
+    drop_path: Sequence[float]
+    pyramid_pools: Sequence[int]
+    has_downsample: bool
+    remat: bool = False
+    dtype: Dtype = jnp.float32
+
+    def setup(self):
+        block_cls = nn.remat(SwinBlock, static_argnums=(2,)) if self.remat else SwinBlock
+        self.blocks = [block_cls(self.dim, self.num_heads, self.window_size,
+                                 0 if j % 2 == 0 else self.window_size // 2,
+                                 self.mlp_ratio, self.drop_path[j], dtype=self.dtype)
+                       for j in range(self.depth)]
+        r = self.dim // 4
+        self.fusion = ImagePWAM(self.dim, dtype=self.dtype)
+        # The last stage's gated tokens are discarded, so its gate is not built.
+        self.res_gate = TanhGate(self.dim, "gelu", dtype=self.dtype) if self.has_downsample else None
+        self.pyramids = [PyramidPool(self.dim, r, p, dtype=self.dtype) for p in self.pyramid_pools]
+        self.fusions = [ImagePWAM(r, dtype=self.dtype) for _ in self.pyramid_pools]
+        self.mixer = Mixer(self.dim, dtype=self.dtype)
+        self.downsample = PatchMerging(self.dim, dtype=self.dtype) if self.has_downsample else None
+
+    def run_blocks(self, x, deterministic: bool):
+        for block in self.blocks:
+            x = block(x, deterministic)
+        return x
+
+    def fuse(self, x, words, m01):
+        """-> (feature map for the pixel decoder, input of the next stage or None)."""
+        feat, gated = fuse_image_stage(x, words, m01, fusion=self.fusion, res_gate=self.res_gate,
+                                       pyramids=self.pyramids, fusions=self.fusions,
+                                       mixer=self.mixer)
+        nxt = self.downsample(gated) if self.downsample is not None else None
+        return feat, nxt
+
+
+class ImageModel(nn.Module):
+    """The multimodal Swin trunk (`image_model`)."""
+    patch_size: int
+    embed_dim: int
+    depths: Sequence[int]
+    num_heads: Sequence[int]
+    window_size: int
+    mlp_ratio: float
+    drop_path_rate: float
+    pyramid_pools: Sequence[int]
+    remat: bool = False
+    dtype: Dtype = jnp.float32
+
+    def setup(self):
+        self.patch_embed = PatchEmbed(self.embed_dim, self.patch_size, dtype=self.dtype)
+        rates = stochastic_depth_rates(self.drop_path_rate, self.depths)
+        n = len(self.depths)
+        self.layers = [ImageStage(self.embed_dim * 2 ** s, self.depths[s], self.num_heads[s],
+                                  self.window_size, self.mlp_ratio, tuple(rates[s]),
+                                  tuple(self.pyramid_pools), s < n - 1, remat=self.remat,
+                                  dtype=self.dtype)
+                       for s in range(n)]
+
+    def embed(self, image):
+        return self.patch_embed(image)
+
+    def run_blocks(self, stage: int, x, deterministic: bool):
+        return self.layers[stage].run_blocks(x, deterministic)
+
+    def fuse(self, stage: int, x, words, m01):
+        return self.layers[stage].fuse(x, words, m01)
+
+
+class LanguageModel(nn.Module):
+    """BERT with language-side PWAMs and gates (`language_model`)."""
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    intermediate_size: int
+    max_position_embeddings: int
+    type_vocab_size: int
+    layer_norm_eps: float
+    hidden_dropout: float
+    attention_dropout: float
+    num_fusions: int
+    remat: bool = False
+    dtype: Dtype = jnp.float32
+
+    def setup(self):
+        self.embeddings = BertEmbeddings(self.vocab_size, self.hidden_size,
+                                         self.max_position_embeddings, self.type_vocab_size,
+                                         self.layer_norm_eps, self.hidden_dropout, dtype=self.dtype)
+        self.encoder = BertEncoder(self.num_layers, self.hidden_size, self.num_heads,
+                                   self.intermediate_size, self.layer_norm_eps,
+                                   self.hidden_dropout, self.attention_dropout,
+                                   remat=self.remat, dtype=self.dtype)
+        self.pwams = [LanguagePWAM(self.hidden_size, dtype=self.dtype) for _ in range(self.num_fusions)]
+        self.res_gates = [TanhGate(self.hidden_size, "relu", kernel_init=nn.initializers.zeros,
+                                   dtype=self.dtype) for _ in range(self.num_fusions)]
+
+    def embed(self, ids, deterministic: bool):
+        return self.embeddings(ids, deterministic)
+
+    def run_layers(self, words, mask, start: int, end: int, deterministic: bool):
+        return self.encoder(words, mask, start, end, deterministic)
+
+    def fuse(self, stage: int, words, x_map, e):
+        b, h, w, c = x_map.shape
+        out = self.pwams[stage](words, x_map.reshape(b, h * w, c), e)
+        return self.res_gates[stage](words, out)
+
+
+class MagNet(nn.Module):
+    """image (B, H, W, 3) normalised, ids (B, N) int, att (B, N) {0,1} ->
+    dict(pred_masks (B, Q, H/4, W/4), pred_logits (B, Q, 2), aux_outputs [9 × the same]).
+    """
+    image_model_kwargs: dict
+    language_model_kwargs: dict
+    text_stage_ends: Sequence[int]
+    lang_pwam_mask: str = "official"
+    pixel_decoder_kwargs: dict = None
+    decoder_kwargs: dict = None
+    dtype: Dtype = jnp.float32
+
+    def setup(self):
+        if self.lang_pwam_mask not in LANG_PWAM_MASKS:
+            raise ValueError(f"model.fusion.lang_pwam_mask must be one of {LANG_PWAM_MASKS}, "
+                             f"got {self.lang_pwam_mask!r}")
+        num_stages = len(self.image_model_kwargs["depths"])
+        if len(self.text_stage_ends) != num_stages:
+            raise ValueError(f"model.bert.stage_ends needs {num_stages} entries, "
+                             f"got {tuple(self.text_stage_ends)}")
+        self.image_model = ImageModel(**self.image_model_kwargs, dtype=self.dtype)
+        self.language_model = LanguageModel(**self.language_model_kwargs,
+                                            num_fusions=num_stages - 1, dtype=self.dtype)
+        self.pixel_decoder = PixelDecoder(**(self.pixel_decoder_kwargs or {}), dtype=self.dtype)
+        self.predictor = MaskedAttentionDecoder(**(self.decoder_kwargs or {}), dtype=self.dtype)
+
+    def encode(self, image, ids, att, train: bool = False):
+        """Interleaved encoder -> list of 4 fused feature maps, fine to coarse (NHWC)."""
+        deterministic = not train
+        m01 = att.astype(jnp.float32)[..., None]                 # (B, N, 1)
+        ext = additive_attention_mask(att)                       # (B, 1, N), 0 / −10000
+        # The official code hands BERT's additive mask to the language PWAM (§4.3).
+        lang_e = jnp.swapaxes(ext, 1, 2) if self.lang_pwam_mask == "official" else m01
+        x = self.image_model.embed(image.astype(self.dtype))
+        words = self.language_model.embed(ids, deterministic)
+        features, start = [], 0
+        for s, end in enumerate(self.text_stage_ends):
+            x = self.image_model.run_blocks(s, x, deterministic)
+            words = self.language_model.run_layers(words, ext, start, end, deterministic)
+            feat, x_next = self.image_model.fuse(s, x, words, m01)
+            if x_next is not None:        # l_4' feeds nothing at inference (§4.4)
+                words = self.language_model.fuse(s, words, x, lang_e)
+            features.append(feat)
+            x, start = x_next, end
+        return features
+
+    def __call__(self, image, ids, att, train: bool = False):
+        features = self.encode(image, ids, att, train)
+        mask_features, memories = self.pixel_decoder(features)
+        predictions = self.predictor(memories, mask_features)
+        final = predictions[-1]
+        return dict(pred_masks=final["pred_masks"], pred_logits=final["pred_logits"],
+                    aux_outputs=predictions[:-1])
+
+
+def mask_logits_at(outputs: dict, size: tuple[int, int]) -> jax.Array:
+    """Final mask logits of query 0 upsampled like the official evaluation: (B, H, W) float32.
+
+    Binary mask = jax.nn.sigmoid(logits) > 0.5 (not logits > 0; magnet_architecture.md §7).
+    """
+    masks = outputs["pred_masks"][:, 0, :, :, None].astype(jnp.float32)
+    return ops.resize_bilinear_align_corners(masks, size)[..., 0]
+
+
+def binary_mask(logits: jax.Array) -> jax.Array:
+    return jax.nn.sigmoid(logits.astype(jnp.float32)) > 0.5
