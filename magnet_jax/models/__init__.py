@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from magnet_jax.models.magnet import MagNet, binary_mask, mask_logits_at
 
@@ -61,4 +64,37 @@ def build_model(cfg: ml_collections.ConfigDict):
     return MODELS[cfg.name](cfg)
 
 
-__all__ = ["build_model", "MagNet", "mask_logits_at", "binary_mask"]
+def dummy_inputs(image_size: int, max_tokens: int = 20, batch: int = 1):
+    """Zero image, zero ids and an all-ones mask of the static input shapes."""
+    return (jnp.zeros((batch, image_size, image_size, 3), jnp.float32),
+            jnp.zeros((batch, max_tokens), jnp.int32), jnp.ones((batch, max_tokens), jnp.int32))
+
+
+def abstract_params(model, image_size: int, max_tokens: int = 20, boxed: bool = False):
+    """ShapeDtypeStructs of the parameters (no compute); boxed keeps the sharding annotations."""
+    tree = jax.eval_shape(model.init, jax.random.key(0), *dummy_inputs(image_size, max_tokens))
+    return tree["params"] if boxed else nn.unbox(tree)["params"]
+
+
+def init_params(model, image_size: int, seed: int = 0, max_tokens: int = 20):
+    """The model's own initialisers, jit-compiled; plain (unboxed) arrays."""
+    init = jax.jit(lambda key: nn.unbox(model.init(key, *dummy_inputs(image_size, max_tokens))))
+    return init(jax.random.key(seed))["params"]
+
+
+def random_params(model, image_size: int, seed: int = 0, max_tokens: int = 20):
+    """Random parameters of the right shapes without compiling the init: N(0, 0.02²) for
+    weights, 1 + N(0, 0.1²) for norm scales. For demos and benchmarks, not for training."""
+    abstract = abstract_params(model, image_size, max_tokens)
+    rng = np.random.default_rng(seed)
+
+    def fill(path, leaf):
+        if jax.tree_util.keystr(path).endswith("['scale']"):
+            return jnp.asarray(1.0 + 0.1 * rng.standard_normal(leaf.shape, np.float32))
+        return jnp.asarray(0.02 * rng.standard_normal(leaf.shape, np.float32))
+
+    return jax.tree_util.tree_map_with_path(fill, abstract)
+
+
+__all__ = ["build_model", "MagNet", "mask_logits_at", "binary_mask", "abstract_params",
+           "init_params", "random_params", "dummy_inputs"]

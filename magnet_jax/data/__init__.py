@@ -1,0 +1,1 @@
+"""Host-side data handling: tokenizer, image decoding, REFER records and the grain pipeline."""
