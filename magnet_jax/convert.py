@@ -49,18 +49,9 @@ def model_abstract_params(model_cfg) -> dict[str, Any]:
 
 
 def _model_abstract_params(model_cfg) -> dict[str, Any]:
-    import jax  # pylint: disable=g-import-not-at-top
-    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-    from flax import linen as nn  # pylint: disable=g-import-not-at-top
-    from magnet_jax.models import build_model  # pylint: disable=g-import-not-at-top
-    model = build_model(model_cfg)
-    s, n = int(model_cfg.image_size), int(model_cfg.max_tokens)
-
-    def init(key):
-        return model.init(key, jnp.zeros((1, s, s, 3), jnp.float32), jnp.zeros((1, n), jnp.int32),
-                          jnp.ones((1, n), jnp.int32), train=False)
-
-    return nn.unbox(jax.eval_shape(init, jax.random.key(0)))["params"]
+    from magnet_jax.models import abstract_params, build_model
+    return abstract_params(build_model(model_cfg), int(model_cfg.image_size),
+                           int(model_cfg.max_tokens))
 
 
 def _summary(kind: str, consumed: int, ignored: int, total: int, params, cfg: dict) -> None:

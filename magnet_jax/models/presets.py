@@ -57,6 +57,6 @@ def tiny_model_config(image_size: int = 64) -> ml_collections.ConfigDict:
                        drop_path_rate=0.1))
     m.bert.update(dict(vocab_size=30522, hidden_size=64, num_layers=4, num_heads=2,
                        intermediate_size=128, stage_ends=(1, 2, 3, 4)))
-    m.pixel_decoder.update(dict(conv_dim=64, num_layers=2, ffn_dim=128, num_heads=4, num_points=2))
-    m.decoder.update(dict(hidden_dim=64, num_heads=4, num_layers=3, ffn_dim=128))
+    m.pixel_decoder.update(dict(conv_dim=64, num_layers=2, ffn_dim=128, num_heads=8, num_points=2))
+    m.decoder.update(dict(hidden_dim=64, num_heads=8, num_layers=3, ffn_dim=128))
     return m

@@ -57,29 +57,9 @@ class ConversionResult:
 # ---------------------------------------------------------------------------------------------
 # Config handling.
 
-_CONTRACT_DEFAULTS: dict[str, Any] = dict(
-    name="magnet", image_size=480, max_tokens=20, dtype="float32", remat=False,
-    swin=dict(patch_size=4, embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32),
-              window_size=12, mlp_ratio=4.0, drop_path_rate=0.3),
-    bert=dict(vocab_size=30522, hidden_size=768, num_layers=12, num_heads=12,
-              intermediate_size=3072, max_position_embeddings=512, type_vocab_size=2,
-              layer_norm_eps=1e-12, hidden_dropout=0.1, attention_dropout=0.1,
-              stage_ends=(3, 6, 9, 12)),
-    fusion=dict(pyramid_pools=(1, 2, 3, 6), lang_pwam_mask="official", dropout=0.0),
-    pixel_decoder=dict(conv_dim=256, num_layers=4, ffn_dim=1024, num_heads=8, num_points=4),
-    decoder=dict(hidden_dim=256, num_heads=8, num_layers=9, ffn_dim=2048, num_queries=1,
-                 num_classes=1),
-)
-
-
 def base_model_config():
-    """The official model config: magnet_jax.models.presets.official_model_config() when importable,
-    otherwise the values of the shared contract."""
-    import ml_collections  # pylint: disable=g-import-not-at-top
-    try:
-        from magnet_jax.models.presets import official_model_config
-    except ImportError:
-        return ml_collections.ConfigDict(_CONTRACT_DEFAULTS)
+    """The official model config (magnet_jax.models.presets)."""
+    from magnet_jax.models.presets import official_model_config
     return official_model_config()
 
 
@@ -235,7 +215,7 @@ def ignored_official_keys(config: Any) -> dict[str, tuple[tuple[int, ...], str]]
     return out
 
 
-IGNORED_OFFICIAL_KEYS = frozenset(ignored_official_keys(_CONTRACT_DEFAULTS))
+IGNORED_OFFICIAL_KEYS = frozenset(ignored_official_keys(base_model_config()))
 
 
 def official_key_shapes(config: Any) -> dict[str, tuple[int, ...]]:
