@@ -21,8 +21,9 @@ import types
 
 os.environ["JAX_NUM_CPU_DEVICES"] = "8"
 if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                             " --xla_force_host_platform_device_count=8").strip()
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
@@ -43,84 +44,89 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # nothing, and it does nothing where torch is not installed.
 # --------------------------------------------------------------------------------------------
 
-_STUB_NOTE = ("inert torchvision stand-in from tests/conftest.py (the installed torchvision "
-              "cannot run with this torch build)")
+_STUB_NOTE = (
+    "inert torchvision stand-in from tests/conftest.py (the installed torchvision "
+    "cannot run with this torch build)"
+)
 
 
 class _PlaceholderMeta(type):
-  """Classes standing for any torchvision object: attributes exist, calls raise."""
+    """Classes standing for any torchvision object: attributes exist, calls raise."""
 
-  def __getattr__(cls, attr):
-    if attr.startswith("_"):
-      raise AttributeError(attr)
-    value = _placeholder(f"{cls.__qualname__}.{attr}")
-    setattr(cls, attr, value)
-    return value
+    def __getattr__(cls, attr):
+        if attr.startswith("_"):
+            raise AttributeError(attr)
+        value = _placeholder(f"{cls.__qualname__}.{attr}")
+        setattr(cls, attr, value)
+        return value
 
-  def __call__(cls, *args, **kwargs):
-    raise RuntimeError(f"{cls.__qualname__}: {_STUB_NOTE}")
+    def __call__(cls, *args, **kwargs):
+        raise RuntimeError(f"{cls.__qualname__}: {_STUB_NOTE}")
 
 
 def _placeholder(qualname: str) -> type:
-  return _PlaceholderMeta(qualname.rpartition(".")[2], (),
-                          {"__qualname__": qualname, "__module__": qualname.rpartition(".")[0]})
+    return _PlaceholderMeta(
+        qualname.rpartition(".")[2],
+        (),
+        {"__qualname__": qualname, "__module__": qualname.rpartition(".")[0]},
+    )
 
 
 class _StubModule(types.ModuleType):
+    def __init__(self, name: str):
+        super().__init__(name, _STUB_NOTE)
+        self.__path__ = []
+        self.__version__ = "0.0.0+stub"
 
-  def __init__(self, name: str):
-    super().__init__(name, _STUB_NOTE)
-    self.__path__ = []
-    self.__version__ = "0.0.0+stub"
-
-  def __getattr__(self, attr):
-    if attr.startswith("_"):
-      raise AttributeError(attr)
-    value = _placeholder(f"{self.__name__}.{attr}")
-    setattr(self, attr, value)
-    return value
+    def __getattr__(self, attr):
+        if attr.startswith("_"):
+            raise AttributeError(attr)
+        value = _placeholder(f"{self.__name__}.{attr}")
+        setattr(self, attr, value)
+        return value
 
 
 def _torchvision_unusable() -> bool:
-  dists = importlib.metadata
-  try:
-    torch_dist = dists.distribution("torch")
-  except dists.PackageNotFoundError:
-    return False  # no torch: leave torchvision (if any) alone
-  try:
-    tv_dist = dists.distribution("torchvision")
-  except dists.PackageNotFoundError:
-    return True  # torch without torchvision: timm still needs the import to succeed
-  tv_is_cuda_build = any("libcudart" in str(f) for f in (tv_dist.files or ()))
-  torch_has_cuda = any("libtorch_cuda" in str(f) for f in (torch_dist.files or ()))
-  return tv_is_cuda_build and not torch_has_cuda
+    dists = importlib.metadata
+    try:
+        torch_dist = dists.distribution("torch")
+    except dists.PackageNotFoundError:
+        return False  # no torch: leave torchvision (if any) alone
+    try:
+        tv_dist = dists.distribution("torchvision")
+    except dists.PackageNotFoundError:
+        return True  # torch without torchvision: timm still needs the import to succeed
+    tv_is_cuda_build = any("libcudart" in str(f) for f in (tv_dist.files or ()))
+    torch_has_cuda = any("libtorch_cuda" in str(f) for f in (torch_dist.files or ()))
+    return tv_is_cuda_build and not torch_has_cuda
 
 
 class _TorchvisionStandIn(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    def __init__(self):
+        self._unusable: bool | None = None
 
-  def __init__(self):
-    self._unusable: bool | None = None
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname == "torchvision":
+            if self._unusable is None:
+                self._unusable = _torchvision_unusable()
+            if not self._unusable:
+                return None
+        elif not (
+            fullname.startswith("torchvision.")
+            and isinstance(sys.modules.get("torchvision"), _StubModule)
+        ):
+            return None
+        return importlib.machinery.ModuleSpec(fullname, self, is_package=True)
 
-  def find_spec(self, fullname, path=None, target=None):
-    if fullname == "torchvision":
-      if self._unusable is None:
-        self._unusable = _torchvision_unusable()
-      if not self._unusable:
-        return None
-    elif not (fullname.startswith("torchvision.") and
-              isinstance(sys.modules.get("torchvision"), _StubModule)):
-      return None
-    return importlib.machinery.ModuleSpec(fullname, self, is_package=True)
+    def create_module(self, spec):
+        return _StubModule(spec.name)
 
-  def create_module(self, spec):
-    return _StubModule(spec.name)
-
-  def exec_module(self, module):
-    pass
+    def exec_module(self, module):
+        pass
 
 
 if not any(isinstance(f, _TorchvisionStandIn) for f in sys.meta_path):
-  sys.meta_path.insert(0, _TorchvisionStandIn())
+    sys.meta_path.insert(0, _TorchvisionStandIn())
 
 
 # --------------------------------------------------------------------------------------------
@@ -132,23 +138,26 @@ import pytest  # noqa: E402
 from absl import flags  # noqa: E402
 
 if not flags.FLAGS.is_parsed():
-  flags.FLAGS.mark_as_parsed()
+    flags.FLAGS.mark_as_parsed()
 jax.config.update("jax_default_matmul_precision", "highest")
 
 
 def pytest_collection_modifyitems(config, items):
-  for platform in ("gpu", "tpu"):
-    marked = [item for item in items if item.get_closest_marker(platform) is not None]
-    if not marked:
-      continue
-    if jax.default_backend() != platform:
-      skip = pytest.mark.skip(reason=f"needs JAX on {platform} (backend is {jax.default_backend()})")
-      for item in marked:
-        item.add_marker(skip)
+    for platform in ("gpu", "tpu"):
+        marked = [item for item in items if item.get_closest_marker(platform) is not None]
+        if not marked:
+            continue
+        if jax.default_backend() != platform:
+            skip = pytest.mark.skip(
+                reason=f"needs JAX on {platform} (backend is {jax.default_backend()})"
+            )
+            for item in marked:
+                item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")
 def vocab_path() -> str:
-  """The bert-base-uncased vocabulary bundled in magnet_jax/assets."""
-  from magnet_jax.data.tokenizer import DEFAULT_VOCAB
-  return str(DEFAULT_VOCAB)
+    """The bert-base-uncased vocabulary bundled in magnet_jax/assets."""
+    from magnet_jax.data.tokenizer import DEFAULT_VOCAB
+
+    return str(DEFAULT_VOCAB)

@@ -14,7 +14,8 @@ import jax
 import jax.numpy as jnp
 
 from magnet_jax.models import ops
-from magnet_jax.models.layers import dense, gelu, layer_norm, torch_default_kernel
+from magnet_jax.models.layers import (BlockAccumulatedDense, dense, gelu, layer_norm,
+                                      torch_default_kernel)
 
 Dtype = Any
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -63,18 +64,20 @@ class LanguageImageAttention(nn.Module):
 
     @nn.compact
     def __call__(self, words, x, e):
-        f32 = dict(kernel_init=torch_default_kernel, dtype=jnp.float32, precision=HIGHEST)
+        def proj(name):
+            return BlockAccumulatedDense(self.dim, kernel_init=torch_default_kernel, name=name)
+
         words = words.astype(jnp.float32)
         x = x.astype(jnp.float32)
-        query = dense(self.dim, name="f_query", **f32)(words) * e
-        key = ops.instance_norm(dense(self.dim, name="f_key", **f32)(x), axis=1)
-        value = ops.instance_norm(dense(self.dim, name="f_value", **f32)(x), axis=1)
+        query = proj("f_query")(words) * e
+        key = ops.instance_norm(proj("f_key")(x), axis=1)
+        value = ops.instance_norm(proj("f_value")(x), axis=1)
         # Op order matters for the tie structure of padding tokens: matmul, scale, add.
         scores = jnp.einsum("bnd,bld->bnl", query, key, precision=HIGHEST) * (self.dim ** -0.5)
         scores = scores + (1e4 * e - 1e4)
         attn = jax.nn.softmax(scores, axis=-1)
         out = jnp.einsum("bnl,bld->bnd", attn, value, precision=HIGHEST)
-        out = dense(self.dim, name="W", **f32)(out)
+        out = proj("W")(out)
         return ops.instance_norm(out, axis=1)   # over the tokens, padding included
 
 
