@@ -36,7 +36,8 @@ def dense(features: int, *, name: str, use_bias: bool = True,
         features, use_bias=use_bias, name=name, dtype=dtype, param_dtype=jnp.float32,
         precision=precision,
         kernel_init=nn.with_logical_partitioning(kernel_init, axes),
-        bias_init=nn.with_logical_partitioning(bias_init, (axes[1],)))
+        # Biases stay replicated: tiny, and added to activations sharded over the batch.
+        bias_init=nn.with_logical_partitioning(bias_init, (None,)))
 
 
 def layer_norm(epsilon: float, *, name: str, dtype: Dtype = jnp.float32) -> nn.LayerNorm:
@@ -124,6 +125,6 @@ class BlockAccumulatedDense(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = self.param("kernel", nn.with_logical_partitioning(self.kernel_init, self.axes),
                             (x.shape[-1], self.features), jnp.float32)
-        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, (self.axes[1],)),
+        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, (None,)),
                           (self.features,), jnp.float32)
         return block_accumulated_dot(x, kernel, self.block) + bias

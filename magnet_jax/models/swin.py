@@ -38,7 +38,7 @@ class PatchEmbed(nn.Module):
                     kernel_init=nn.with_logical_partitioning(
                         nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform"),
                         (None, None, None, "embed")),
-                    bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))(image)
+                    bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (None,)))(image)
         return layer_norm(1e-5, name="norm", dtype=self.dtype)(x)
 
 
