@@ -71,14 +71,9 @@ def convert_official(src: str, dst: str, image_size: int = 480, overwrite: bool 
     result = official_magnet.convert_official(sd, image_size=image_size, bert_num_heads=bert_num_heads)
     cfg = result.config
     if check_model:
-        try:
-            import magnet_jax.models  # pylint: disable=g-import-not-at-top,unused-import
-        except ImportError as e:
-            _log(f"model shape check skipped (magnet_jax.models unavailable: {e})")
-        else:
-            _log("checking shapes against jax.eval_shape of the Linen model")
-            common.check_against_abstract(result.params, model_abstract_params(cfg),
-                                          what=f"converted {src}")
+        _log("checking shapes against jax.eval_shape of the Linen model")
+        common.check_against_abstract(result.params, model_abstract_params(cfg),
+                                      what=f"converted {src}")
     _summary("official", len(result.consumed), len(result.ignored), result.num_source_keys,
              result.params, cfg.to_dict())
     _log(f"image size {image_size} (not stored in the checkpoint; set with --image-size)")
@@ -91,36 +86,37 @@ def convert_official(src: str, dst: str, image_size: int = 480, overwrite: bool 
     return out
 
 
-def convert_bert(src: str, dst: str, overwrite: bool = False, trusted: bool = False) -> str:
-    from magnet_jax.weights import bert  # pylint: disable=g-import-not-at-top
+def _convert_pretrained(kind: str, root: str, import_fn, src: str, dst: str, overwrite: bool,
+                        trusted: bool) -> str:
+    """Shared flow of the pretrained-trunk importers: read, map, report, save under `root`."""
     t0 = time.time()
     _log(f"reading {src}")
-    params, bert_cfg, acc = bert.import_bert(src, trusted=trusted, return_report=True)
-    tree = {"language_model": params}
-    _summary("bert", len(acc.consumed), len(acc.ignored), len(acc.sd), tree, bert_cfg)
+    params, trunk_cfg, acc = import_fn(src, trusted=trusted, return_report=True)
+    tree = {root: params}
+    layout = getattr(acc, "layout", None)
+    _summary(f"{kind} ({layout} layout)" if layout else kind, len(acc.consumed), len(acc.ignored),
+             len(acc.sd), tree, trunk_cfg)
     _log(f"saving to {dst}")
-    out = checkpoint_io.save_params(dst, tree, {"name": "bert", "bert": bert_cfg},
-                                    extra=dict(kind="bert", dir=os.path.abspath(src)),
+    extra = dict(kind=kind, source=os.path.abspath(src))
+    if layout:
+        extra["layout"] = layout
+    out = checkpoint_io.save_params(dst, tree, {"name": kind, kind: trunk_cfg}, extra=extra,
                                     overwrite=overwrite)
     _log(f"done in {time.time() - t0:.1f}s: {out}")
     return out
+
+
+def convert_bert(src: str, dst: str, overwrite: bool = False, trusted: bool = False) -> str:
+    """A local Hugging Face BERT directory -> params rooted at language_model/."""
+    from magnet_jax.weights import bert
+    return _convert_pretrained("bert", "language_model", bert.import_bert, src, dst, overwrite,
+                               trusted)
 
 
 def convert_swin(src: str, dst: str, overwrite: bool = False, trusted: bool = False) -> str:
-    from magnet_jax.weights import swin  # pylint: disable=g-import-not-at-top
-    t0 = time.time()
-    _log(f"reading {src}")
-    params, swin_cfg, acc = swin.import_swin(src, trusted=trusted, return_report=True)
-    tree = {"image_model": params}
-    _summary(f"swin ({acc.layout} layout)", len(acc.consumed), len(acc.ignored), len(acc.sd), tree,
-             swin_cfg)
-    _log(f"saving to {dst}")
-    out = checkpoint_io.save_params(dst, tree, {"name": "swin", "swin": swin_cfg},
-                                    extra=dict(kind="swin", layout=acc.layout,
-                                               file=os.path.abspath(src)),
-                                    overwrite=overwrite)
-    _log(f"done in {time.time() - t0:.1f}s: {out}")
-    return out
+    """An ImageNet Swin checkpoint (Microsoft or timm layout) -> params rooted at image_model/."""
+    from magnet_jax.weights import swin
+    return _convert_pretrained("swin", "image_model", swin.import_swin, src, dst, overwrite, trusted)
 
 
 _TRUSTED_HELP = ("allow a .pth/.bin that pickles non-tensor objects (torch.load with "

@@ -113,7 +113,13 @@ def _parse(argv):
 
 
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # Our messages only: the root logger at INFO would also print JAX's backend probing.
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
     args = _parse(argv)
     try:
         start = time.time()

@@ -11,7 +11,6 @@ from __future__ import annotations
 import ast
 import math
 import pathlib
-import re
 
 import flax.linen as nn
 import jax
@@ -23,15 +22,10 @@ from magnet_jax.models import build_model, ops
 from magnet_jax.models.fusion import LanguageImageAttention, LanguagePWAM
 from magnet_jax.models.magnet import binary_mask
 from magnet_jax.models.presets import official_model_config, tiny_model_config
+from tests.numerics import rel_err
 
 MODELS_DIR = pathlib.Path(__file__).resolve().parents[2] / "magnet_jax" / "models"
 N = 20
-
-
-def rel_err(got, ref) -> float:
-    got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
-    assert got.shape == ref.shape, (got.shape, ref.shape)
-    return float(np.max(np.abs(got - ref)) / max(np.max(np.abs(ref)), 1e-30))
 
 
 def count(tree) -> int:

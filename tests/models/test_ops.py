@@ -13,21 +13,7 @@ import numpy as np
 import pytest
 
 from magnet_jax.models import ops
-
-RTOL = 1e-5
-
-
-def rel_err(got, ref) -> float:
-    got = np.asarray(got, np.float64)
-    ref = np.asarray(ref, np.float64)
-    assert got.shape == ref.shape, (got.shape, ref.shape)
-    return float(np.max(np.abs(got - ref)) / max(np.max(np.abs(ref)), 1e-30))
-
-
-def check(name, got, ref, tol=RTOL):
-    err = rel_err(got, ref)
-    print(f"[ops] {name}: rel err {err:.3e}")
-    assert err <= tol, f"{name}: rel err {err:.3e} > {tol:g}"
+from tests.numerics import check
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import pytest
 
 from magnet_jax.models import abstract_params, build_model, dummy_inputs

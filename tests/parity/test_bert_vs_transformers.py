@@ -21,15 +21,9 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from magnet_jax.weights import bert as bert_weights  # noqa: E402
+from tests.numerics import RTOL, rel_err
 
-RTOL = 1e-5
 N = 20
-
-
-def rel_err(got, ref) -> float:
-    got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
-    assert got.shape == ref.shape, (got.shape, ref.shape)
-    return float(np.max(np.abs(got - ref)) / np.max(np.abs(ref)))
 
 
 def padded_batch(vocab: int, seed: int):

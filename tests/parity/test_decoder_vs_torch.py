@@ -14,29 +14,12 @@ import pytest
 
 from magnet_jax.models.mask_decoder import AttentionLayer
 from magnet_jax.models.msdeform import MSDeformAttn, reference_points
+from tests.numerics import check, rel_err, torch_to_numpy as _np
 
 pytestmark = pytest.mark.parity
 
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
-
-RTOL = 1e-5
-
-
-def rel_err(got, ref) -> float:
-    got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
-    assert got.shape == ref.shape, (got.shape, ref.shape)
-    return float(np.max(np.abs(got - ref)) / np.max(np.abs(ref)))
-
-
-def check(name, got, ref, tol=RTOL):
-    err = rel_err(got, ref)
-    print(f"[decoder] {name}: rel err {err:.3e}")
-    assert err <= tol, f"{name}: rel err {err:.3e} > {tol:g}"
-
-
-def _np(t):
-    return t.detach().numpy().astype(np.float32)
 
 
 def linear(m):

@@ -21,6 +21,7 @@ import pytest
 
 from magnet_jax.models import ops
 from magnet_jax.models.swin import PatchMerging, SwinBlock, WindowAttention
+from tests.numerics import check, rel_err, torch_to_numpy as _np
 
 pytestmark = pytest.mark.parity
 
@@ -32,20 +33,6 @@ except Exception as e:  # noqa: BLE001 - any import failure means "no usable tim
         f"timm is not importable ({type(e).__name__}: {e}); pip install timm --no-deps",
         allow_module_level=True,
     )
-
-RTOL = 1e-5
-
-
-def rel_err(got, ref) -> float:
-    got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
-    assert got.shape == ref.shape, (got.shape, ref.shape)
-    return float(np.max(np.abs(got - ref)) / np.max(np.abs(ref)))
-
-
-def check(name, got, ref, tol=RTOL):
-    err = rel_err(got, ref)
-    print(f"[swin] {name}: rel err {err:.3e}")
-    assert err <= tol, f"{name}: rel err {err:.3e} > {tol:g}"
 
 
 def randomise_(module: "torch.nn.Module", seed: int) -> None:
@@ -61,10 +48,6 @@ def randomise_(module: "torch.nn.Module", seed: int) -> None:
                 p.copy_(0.1 * torch.randn(p.shape, generator=g))
             else:
                 p.copy_(torch.randn(p.shape, generator=g) / p.shape[1] ** 0.5)
-
-
-def _np(t):
-    return t.detach().numpy().astype(np.float32)
 
 
 def linear(m, bias=True):
