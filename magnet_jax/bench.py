@@ -1,8 +1,15 @@
-"""Benchmarks: `python -m magnet_jax.bench forward --config configs/magnet.py:ARG --batch_size N`.
+"""Benchmarks: `python -m magnet_jax.bench forward --config configs/magnet.py:ARG --batch_size N`
+and `python -m magnet_jax.bench data --data DIR [--split train] [--image_size 480]`.
 
 forward: jit-compiled inference (logits at input resolution) on random weights: compile
-time, images/s over --iters timed calls after a warm-up, peak host memory. Figures go to
-docs/benchmarks.md with the machine, command and date.
+time, images/s over --iters timed calls after a warm-up, peak host memory.
+
+data: the training input pipeline end to end (read, decode, pick a sentence, resize,
+normalise, batch; ids are stored tokenised) with 0, 1 and 2 worker processes (--workers):
+examples/s over --data_batches batches after --data_warmup batches (worker start-up is timed
+separately).
+
+Figures go to docs/benchmarks.md with the machine, command and date.
 """
 
 from __future__ import annotations
@@ -25,7 +32,15 @@ _BATCH = flags.DEFINE_integer("batch_size", 1, "images per call")
 _ITERS = flags.DEFINE_integer("iters", 5, "timed calls")
 _SEED = flags.DEFINE_integer("seed", 0, "random weights and inputs")
 
-WHATS = ("forward",)
+_DATA = flags.DEFINE_string("data", None, "bench data: records directory (e.g. synthetic)")
+_SPLIT = flags.DEFINE_string("split", "train", "bench data: split to read")
+_IMAGE_SIZE = flags.DEFINE_integer("image_size", 480, "bench data: square output size")
+_GLOBAL_BATCH = flags.DEFINE_integer("global_batch", 32, "bench data: examples per batch")
+_WORKERS = flags.DEFINE_list("workers", ["0", "1", "2"], "bench data: worker counts to time")
+_DATA_BATCHES = flags.DEFINE_integer("data_batches", 30, "bench data: timed batches")
+_DATA_WARMUP = flags.DEFINE_integer("data_warmup", 3, "bench data: untimed batches first")
+
+WHATS = ("forward", "data")
 
 
 def bench_forward(model_config, name: str, batch_size: int, iters: int, seed: int,
@@ -66,11 +81,46 @@ def bench_forward(model_config, name: str, batch_size: int, iters: int, seed: in
                 date=time.strftime("%Y-%m-%d"))
 
 
+def bench_data(data_dir: str, split: str, image_size: int, global_batch: int, workers: int,
+               batches: int, warmup: int, seed: int) -> dict:
+    from magnet_jax.data import pipeline
+    ds = pipeline.train_dataset(data_dir, split, image_size=image_size, global_batch=global_batch,
+                                seed=seed, process_index=0, process_count=1)
+    start = time.perf_counter()
+    it = pipeline.make_iterator(ds, workers, read_threads=2, prefetch_buffer=2 * global_batch)
+    try:
+        for _ in range(warmup):
+            next(it)
+        startup = time.perf_counter() - start
+        start = time.perf_counter()
+        for _ in range(batches):
+            next(it)
+        elapsed = time.perf_counter() - start
+    finally:
+        if hasattr(it, "close"):
+            it.close()
+    return {"what": "data", "data": data_dir, "split": split, "image_size": image_size,
+            "global_batch": global_batch, "workers": workers, "batches": batches,
+            "startup_s": round(startup, 2),
+            "examples_per_s": round(batches * global_batch / elapsed, 1),
+            "cpus": os.cpu_count(), "machine": platform.machine(),
+            "date": time.strftime("%Y-%m-%d")}
+
+
 def main(argv):
     if len(argv) != 2 or argv[1] not in WHATS:
-        print(f"usage: python -m magnet_jax.bench {{{'|'.join(WHATS)}}} --config FILE[:ARG] ...",
-              file=sys.stderr)
+        print(f"usage: python -m magnet_jax.bench {{{'|'.join(WHATS)}}} --config FILE[:ARG] ... "
+              "| data --data DIR", file=sys.stderr)
         return 2
+    if argv[1] == "data":
+        if not _DATA.value:
+            print("error: bench data needs --data DIR (a records directory)", file=sys.stderr)
+            return 2
+        for w in _WORKERS.value:
+            print(json.dumps(bench_data(_DATA.value, _SPLIT.value, _IMAGE_SIZE.value,
+                                        _GLOBAL_BATCH.value, int(w), _DATA_BATCHES.value,
+                                        _DATA_WARMUP.value, _SEED.value)), flush=True)
+        return 0
     if _CHECKPOINT.value:
         from magnet_jax import checkpoint_io
         model_config, params = checkpoint_io.load_params(_CHECKPOINT.value)
