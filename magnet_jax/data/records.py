@@ -142,18 +142,20 @@ def _check_dim(where: str, spec, size: int, dims: dict[str, int]) -> None:
         raise RecordError(f"{where} has {size} entries, other fields have {dims[spec]}")
 
 
-def validate_record(record: Mapping[str, Any]) -> dict[str, Any]:
-    """Return a normalised copy of `record`; raise RecordError (one line) if it breaks the schema."""
-    if not isinstance(record, Mapping):
-        raise RecordError(f"a record must be a dict, got {type(record).__name__}")
+def _check_fields_and_version(record: Mapping[str, Any]) -> None:
     missing = [k for k in REQUIRED_FIELDS if k not in record]
     if missing:
         raise RecordError(f"record {_rid(record)} lacks required fields: {', '.join(missing)}")
     if record["schema_version"] != SCHEMA_VERSION:
-        raise RecordError(
-            f"record {_rid(record)} has schema_version {record['schema_version']}, "
-            f"this code reads {SCHEMA_VERSION}"
-        )
+        raise RecordError(f"record {_rid(record)} has schema_version {record['schema_version']}, "
+                          f"this code reads {SCHEMA_VERSION}")
+
+
+def validate_record(record: Mapping[str, Any]) -> dict[str, Any]:
+    """Return a normalised copy of `record`; raise RecordError (one line) if it breaks the schema."""
+    if not isinstance(record, Mapping):
+        raise RecordError(f"a record must be a dict, got {type(record).__name__}")
+    _check_fields_and_version(record)
     dims: dict[str, int] = {}
     out: dict[str, Any] = {}
     for name, (kind, shape) in REQUIRED_FIELDS.items():
@@ -199,14 +201,7 @@ def decode_record(data: bytes) -> dict[str, Any]:
         elif kind in ("strs", "bytes_list"):
             value = list(value)
         out[name] = value
-    missing = [k for k in REQUIRED_FIELDS if k not in out]
-    if missing:
-        raise RecordError(f"record {_rid(out)} lacks required fields: {', '.join(missing)}")
-    if out["schema_version"] != SCHEMA_VERSION:
-        raise RecordError(
-            f"record {_rid(out)} has schema_version {out['schema_version']}, "
-            f"this code reads {SCHEMA_VERSION}"
-        )
+    _check_fields_and_version(out)
     return out
 
 
