@@ -51,7 +51,7 @@ def build_magnet(cfg: ml_collections.ConfigDict) -> MagNet:
     return MagNet(image_model_kwargs=image_kwargs, language_model_kwargs=language_kwargs,
                   text_stage_ends=ends, lang_pwam_mask=fusion.lang_pwam_mask,
                   pixel_decoder_kwargs=pixel_kwargs, decoder_kwargs=decoder_kwargs,
-                  dtype=DTYPES[cfg.dtype])
+                  training_heads=cfg.get("training_heads", False), dtype=DTYPES[cfg.dtype])
 
 
 MODELS = {"magnet": build_magnet}

@@ -17,7 +17,8 @@ from magnet_jax.models import ops
 from magnet_jax.models.bert import BertEmbeddings, BertEncoder, additive_attention_mask
 from magnet_jax.models.fusion import (ImagePWAM, LanguagePWAM, Mixer, PyramidPool,
                                       fuse_image_stage)
-from magnet_jax.models.layers import TanhGate, stochastic_depth_rates
+from magnet_jax.models.layers import (TanhGate, dense, stochastic_depth_rates,
+                                      torch_default_kernel)
 from magnet_jax.models.mask_decoder import MaskedAttentionDecoder
 from magnet_jax.models.msdeform import PixelDecoder
 from magnet_jax.models.swin import PatchEmbed, PatchMerging, SwinBlock
@@ -144,6 +145,11 @@ class LanguageModel(nn.Module):
 class MagNet(nn.Module):
     """image (B, H, W, 3) normalised, ids (B, N) int, att (B, N) {0,1} ->
     dict(pred_masks (B, Q, H/4, W/4), pred_logits (B, Q, 2), aux_outputs [9 × the same]).
+
+    With `training_heads`, the modules that the official checkpoints carry but inference never
+    runs are built too: the last language fusion (`language_model/pwams_3`, `res_gates_3`),
+    which gives the final language features l_4', and `lang_proj` (text -> pixel-embedding
+    width), both used by the training objectives (training_objectives.md §3.3, §5).
     """
     image_model_kwargs: dict
     language_model_kwargs: dict
@@ -151,6 +157,7 @@ class MagNet(nn.Module):
     lang_pwam_mask: str = "official"
     pixel_decoder_kwargs: dict = None
     decoder_kwargs: dict = None
+    training_heads: bool = False
     dtype: Dtype = jnp.float32
 
     def setup(self):
@@ -162,38 +169,91 @@ class MagNet(nn.Module):
             raise ValueError(f"model.bert.stage_ends needs {num_stages} entries, "
                              f"got {tuple(self.text_stage_ends)}")
         self.image_model = ImageModel(**self.image_model_kwargs, dtype=self.dtype)
+        # At inference l_4' feeds nothing (§4.4): the last language fusion is not built.
+        num_fusions = num_stages if self.training_heads else num_stages - 1
         self.language_model = LanguageModel(**self.language_model_kwargs,
-                                            num_fusions=num_stages - 1, dtype=self.dtype)
+                                            num_fusions=num_fusions, dtype=self.dtype)
         self.pixel_decoder = PixelDecoder(**(self.pixel_decoder_kwargs or {}), dtype=self.dtype)
         self.predictor = MaskedAttentionDecoder(**(self.decoder_kwargs or {}), dtype=self.dtype)
+        if self.training_heads:
+            self.lang_proj = dense((self.decoder_kwargs or {}).get("hidden_dim", 256),
+                                   name="lang_proj", kernel_init=torch_default_kernel,
+                                   dtype=self.dtype)
 
-    def encode(self, image, ids, att, train: bool = False):
-        """Interleaved encoder -> list of 4 fused feature maps, fine to coarse (NHWC)."""
-        deterministic = not train
+    def _masks(self, att):
         m01 = att.astype(jnp.float32)[..., None]                 # (B, N, 1)
         ext = additive_attention_mask(att)                       # (B, 1, N), 0 / −10000
         # The official code hands BERT's additive mask to the language PWAM (§4.3).
         lang_e = jnp.swapaxes(ext, 1, 2) if self.lang_pwam_mask == "official" else m01
+        return m01, ext, lang_e
+
+    def _text_stage(self, s, words, ext, lang_e, visual, start, end, deterministic):
+        """BERT layers [start, end) of stage s, then (if built) the language fusion with the
+        stage's pre-fusion visual map. Returns (l_s, l_s' or None)."""
+        words = self.language_model.run_layers(words, ext, start, end, deterministic)
+        if s < self.language_model.num_fusions:
+            return words, self.language_model.fuse(s, words, visual, lang_e)
+        return words, None
+
+    def encode(self, image, ids, att, train: bool = False, return_intermediates: bool = False):
+        """Interleaved encoder -> list of 4 fused feature maps, fine to coarse (NHWC).
+
+        return_intermediates: also the pre-fusion visual maps i_1..i_4 and the final language
+        features (l_4' when the training heads are built, else l_4), as a dict.
+        """
+        deterministic = not train
+        m01, ext, lang_e = self._masks(att)
         x = self.image_model.embed(image.astype(self.dtype))
         words = self.language_model.embed(ids, deterministic)
-        features, start = [], 0
+        features, visual_stages, start = [], [], 0
         for s, end in enumerate(self.text_stage_ends):
             x = self.image_model.run_blocks(s, x, deterministic)
-            words = self.language_model.run_layers(words, ext, start, end, deterministic)
+            words, fused_words = self._text_stage(s, words, ext, lang_e, x, start, end,
+                                                  deterministic)
             feat, x_next = self.image_model.fuse(s, x, words, m01)
-            if x_next is not None:        # l_4' feeds nothing at inference (§4.4)
-                words = self.language_model.fuse(s, words, x, lang_e)
             features.append(feat)
+            visual_stages.append(x)
+            words = fused_words if fused_words is not None else words
             x, start = x_next, end
+        if return_intermediates:
+            return features, dict(visual_stages=visual_stages, text_final=words)
         return features
 
-    def __call__(self, image, ids, att, train: bool = False):
-        features = self.encode(image, ids, att, train)
+    def encode_text(self, ids, att, visual_stages, train: bool = False):
+        """The language path alone on other token ids (e.g. a masked sentence), fused with the
+        visual maps of a previous `encode`: -> final language features (B, N, C_text)."""
+        deterministic = not train
+        _, ext, lang_e = self._masks(att)
+        words, start = self.language_model.embed(ids, deterministic), 0
+        for s, end in enumerate(self.text_stage_ends):
+            words, fused_words = self._text_stage(s, words, ext, lang_e, visual_stages[s], start,
+                                                  end, deterministic)
+            words = fused_words if fused_words is not None else words
+            start = end
+        return words
+
+    def project_text(self, text_features):
+        """lang_proj: text features (..., C_text) -> the pixel-embedding width (training only)."""
+        if not self.training_heads:
+            raise ValueError("project_text needs the training heads (model.training_heads=True)")
+        return self.lang_proj(text_features)
+
+    def __call__(self, image, ids, att, train: bool = False, return_intermediates: bool = False):
+        """return_intermediates adds `intermediates`: visual_stages, text_final, features
+        (the 4 fused maps), mask_features and, with the training heads, text_projected
+        (lang_proj of text_final), for the training objectives."""
+        features, extra = self.encode(image, ids, att, train, return_intermediates=True)
         mask_features, memories = self.pixel_decoder(features)
         predictions = self.predictor(memories, mask_features)
         final = predictions[-1]
-        return dict(pred_masks=final["pred_masks"], pred_logits=final["pred_logits"],
-                    aux_outputs=predictions[:-1])
+        outputs = dict(pred_masks=final["pred_masks"], pred_logits=final["pred_logits"],
+                       aux_outputs=predictions[:-1])
+        if self.training_heads:
+            # Always run, so that init creates lang_proj; 20 tokens, negligible cost.
+            extra["text_projected"] = self.lang_proj(extra["text_final"])
+        if return_intermediates:
+            outputs["intermediates"] = dict(extra, features=features, mask_features=mask_features)
+        return outputs
 
 
 def mask_logits_at(outputs: dict, size: tuple[int, int]) -> jax.Array:

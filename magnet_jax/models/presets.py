@@ -23,6 +23,8 @@ def official_model_config(image_size: int = 480) -> ml_collections.ConfigDict:
     m.max_tokens = 20
     m.dtype = "float32"
     m.remat = False
+    # Build the parts only training uses (last language fusion, lang_proj); off for inference.
+    m.training_heads = False
     m.swin = ml_collections.ConfigDict(dict(
         patch_size=4, embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32),
         window_size=12, mlp_ratio=4.0, drop_path_rate=0.3))

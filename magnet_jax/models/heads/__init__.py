@@ -1,0 +1,1 @@
+"""Training-only heads: Mask Grounding predictor (mask_grounding.py), CAL projections."""
