@@ -27,6 +27,7 @@ import grain
 import numpy as np
 
 from magnet_jax.data import records
+from magnet_jax.data.token_masking import MaskTokens
 from magnet_jax.data.transforms import Augment, PickSentence, Preprocess
 
 SAMPLES = ("ref", "sentence")
@@ -83,9 +84,13 @@ class SentenceSource:
 def train_dataset(out_dir: str | os.PathLike, split: str = "train", *, image_size: int,
                   global_batch: int, seed: int, convention: str = "official",
                   augment: Augment | None = None, sample: str = "ref",
+                  mask_tokens: MaskTokens | None = None,
                   process_index: int | None = None,
                   process_count: int | None = None) -> grain.MapDataset:
-    """Infinite training stream of per-process batches (dicts of stacked numpy arrays)."""
+    """Infinite training stream of per-process batches (dicts of stacked numpy arrays).
+
+    `mask_tokens` adds the Mask Grounding inputs `mg_ids`/`mg_targets` (token_masking.py).
+    """
     if sample not in SAMPLES:
         raise ValueError(f"unknown sample {sample!r}; expected one of {', '.join(SAMPLES)}")
     pi, pc = _process(process_index, process_count)
@@ -99,6 +104,9 @@ def train_dataset(out_dir: str | os.PathLike, split: str = "train", *, image_siz
         ds = ds[pi::pc]
     prep = Preprocess(image_size, convention, augment)
     ds = ds.random_map(prep) if augment is not None else ds.map(prep)
+    if mask_tokens is not None:
+        # Seeded per element index of the repeated stream: deterministic per (seed, epoch, example).
+        ds = ds.random_map(mask_tokens)
     return ds.batch(batch, drop_remainder=True)
 
 

@@ -1,0 +1,1 @@
+"""Evaluation: metric accumulation (metrics.py); protocols and the CLI follow (style.md §2)."""
