@@ -33,22 +33,9 @@ def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
 
 
 def downsample_labels(gt_mask: jax.Array, size: tuple[int, int]) -> jax.Array:
-    """(B, H, W) {0, 1} mask -> (B, h, w) float32 {0, 1}: area average, then ≥ 0.5.
-
-    Exact block means when H, W are multiples of h, w; otherwise torch AdaptiveAvgPool bins via
-    ``ops.adaptive_pool_matrix``. A block that is exactly half foreground counts as foreground.
-    """
-    y = gt_mask.astype(jnp.float32)
-    b, hi, wi = y.shape
-    ho, wo = size
-    if (hi, wi) != (ho, wo):
-        if hi % ho == 0 and wi % wo == 0:
-            y = y.reshape(b, ho, hi // ho, wo, wi // wo).mean(axis=(2, 4))
-        else:
-            ph = jnp.asarray(ops.adaptive_pool_matrix(hi, ho))
-            pw = jnp.asarray(ops.adaptive_pool_matrix(wi, wo))
-            y = jnp.einsum("ih,bhw,jw->bij", ph, y, pw, precision=jax.lax.Precision.HIGHEST)
-    return (y >= 0.5).astype(jnp.float32)
+    """(B, H, W) {0, 1} mask -> (B, h, w) float32 {0, 1}: area average, then ≥ 0.5
+    (a block that is exactly half foreground counts as foreground)."""
+    return (ops.area_downsample(gt_mask, size) >= 0.5).astype(jnp.float32)
 
 
 def _usable(labels: jax.Array, valid: jax.Array) -> jax.Array:

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from magnet_jax.models import ops
+from magnet_jax.models.magnet import upsample_mask_logits
 
 KINDS = ("bce_dice", "lavt_ce")
 
@@ -45,29 +46,8 @@ def _safe_weighted_mean(values: jax.Array, weight: jax.Array) -> jax.Array:
 
 
 def resample_targets(gt_mask: jax.Array, size: tuple[int, int]) -> jax.Array:
-    """(B, H, W) mask -> (B, h, w) float32 area average (soft targets when resolutions differ).
-
-    Exact block means when H, W are multiples of h, w; otherwise torch AdaptiveAvgPool bins
-    (``ops.adaptive_pool_matrix``), which also covers upsampling (each output pixel copies the
-    input pixel whose bin it falls in).
-    """
-    y = gt_mask.astype(jnp.float32)
-    b, hi, wi = y.shape
-    ho, wo = size
-    if (hi, wi) == (ho, wo):
-        return y
-    if hi % ho == 0 and wi % wo == 0:
-        return y.reshape(b, ho, hi // ho, wo, wi // wo).mean(axis=(2, 4))
-    ph = jnp.asarray(ops.adaptive_pool_matrix(hi, ho))
-    pw = jnp.asarray(ops.adaptive_pool_matrix(wi, wo))
-    return jnp.einsum("ih,bhw,jw->bij", ph, y, pw, precision=jax.lax.Precision.HIGHEST)
-
-
-def mask_logits_at(pred_masks: jax.Array, size: tuple[int, int]) -> jax.Array:
-    """(B, Q, h, w) mask logits -> (B, H, W) float32 logits of query 0, resized with
-    align_corners=True (LAVT / MagNet evaluation upsampling)."""
-    m = pred_masks[:, 0, :, :, None].astype(jnp.float32)
-    return ops.resize_bilinear_align_corners(m, size)[..., 0]
+    """(B, H, W) mask -> (B, h, w) float32 area average (soft targets when resolutions differ)."""
+    return ops.area_downsample(gt_mask, size)
 
 
 def bce_per_sample(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -149,7 +129,7 @@ def segmentation_loss(
 
     loss = jnp.zeros((), jnp.float32)
     for pred in predictions:
-        logits = mask_logits_at(pred["pred_masks"], size)
+        logits = upsample_mask_logits(pred["pred_masks"], size)
         if kind == "bce_dice":
             bce = _safe_weighted_mean(bce_per_sample(logits, targets), w)
             dice = _safe_weighted_mean(dice_per_sample(logits, targets), w)

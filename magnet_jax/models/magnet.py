@@ -256,13 +256,19 @@ class MagNet(nn.Module):
         return outputs
 
 
+def upsample_mask_logits(pred_masks: jax.Array, size: tuple[int, int]) -> jax.Array:
+    """(B, Q, h, w) mask logits -> (B, H, W) float32 logits of query 0, bilinear with
+    align_corners=True like the official evaluation."""
+    masks = pred_masks[:, 0, :, :, None].astype(jnp.float32)
+    return ops.resize_bilinear_align_corners(masks, size)[..., 0]
+
+
 def mask_logits_at(outputs: dict, size: tuple[int, int]) -> jax.Array:
-    """Final mask logits of query 0 upsampled like the official evaluation: (B, H, W) float32.
+    """Final mask logits of a model output dict at `size`: (B, H, W) float32.
 
     Binary mask = jax.nn.sigmoid(logits) > 0.5 (not logits > 0; magnet_architecture.md §7).
     """
-    masks = outputs["pred_masks"][:, 0, :, :, None].astype(jnp.float32)
-    return ops.resize_bilinear_align_corners(masks, size)[..., 0]
+    return upsample_mask_logits(outputs["pred_masks"], size)
 
 
 def binary_mask(logits: jax.Array) -> jax.Array:

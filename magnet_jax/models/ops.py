@@ -93,6 +93,21 @@ def adaptive_avg_pool2d(x: jax.Array, p: int) -> jax.Array:
     return jnp.einsum("ih,bhwc,jw->bijc", ph, x, pw, precision=jax.lax.Precision.HIGHEST)
 
 
+def area_downsample(mask: jax.Array, size: tuple[int, int]) -> jax.Array:
+    """(B, H, W) mask -> (B, h, w) float32 area average with torch AdaptiveAvgPool2d bins
+    (exact block means when the sizes divide; overlapping bins otherwise)."""
+    y = mask.astype(jnp.float32)
+    b, hi, wi = y.shape
+    ho, wo = size
+    if (hi, wi) == (ho, wo):
+        return y
+    if hi % ho == 0 and wi % wo == 0:
+        return y.reshape(b, ho, hi // ho, wo, wi // wo).mean(axis=(2, 4))
+    ph = jnp.asarray(adaptive_pool_matrix(hi, ho))
+    pw = jnp.asarray(adaptive_pool_matrix(wi, wo))
+    return jnp.einsum("ih,bhw,jw->bij", ph, y, pw, precision=jax.lax.Precision.HIGHEST)
+
+
 def grid_sample_bilinear_zeros(value: jax.Array, grid: jax.Array) -> jax.Array:
     """torch F.grid_sample(value, grid, 'bilinear', 'zeros', align_corners=False).
 

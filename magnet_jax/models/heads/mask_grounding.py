@@ -23,22 +23,8 @@ MASK_ENCODERS = ("occupancy", "pooled_token", "none")
 
 
 def mask_occupancy(gt_mask: jax.Array, size: tuple[int, int]) -> jax.Array:
-    """Area-downsample a binary mask to the token grid.
-
-    gt_mask (B, H, W) {0,1} -> (B, h, w) float32 fraction of each cell covered, in [0, 1].
-    Exact block mean when (h, w) divide (H, W); otherwise torch AdaptiveAvgPool2d bins.
-    """
-    b, hh, ww = gt_mask.shape
-    h, w = size
-    m = gt_mask.astype(jnp.float32)
-    if hh % h == 0 and ww % w == 0:
-        return m.reshape(b, h, hh // h, w, ww // w).mean(axis=(2, 4))
-    if h == w:
-        return ops.adaptive_avg_pool2d(m[..., None], h)[..., 0]
-    # Non-square grid: the same torch bins, one averaging matrix per axis.
-    ph = jnp.asarray(ops.adaptive_pool_matrix(hh, h))
-    pw = jnp.asarray(ops.adaptive_pool_matrix(ww, w))
-    return jnp.einsum("ih,bhw,jw->bij", ph, m, pw, precision=jax.lax.Precision.HIGHEST)
+    """(B, H, W) {0,1} -> (B, h, w) float32 fraction of each token cell covered, in [0, 1]."""
+    return ops.area_downsample(gt_mask, size)
 
 
 class MaskGroundingHead(nn.Module):
