@@ -7,7 +7,8 @@ What lives here (see `magnet_architecture.md` §9.1 and `jax_stack.md` §10):
 - tree helpers (`assign`, `flatten_tree`) and `check_against_abstract` (shape check against
   `jax.eval_shape` of the model's init);
 - file readers: `load_torch_state_dict` (torch imported lazily, only here) and `load_safetensors`;
-- `relative_position_index(window)`: the Swin buffer, recomputed to check checkpoints.
+- `relative_position_index(window)`: the model's own formula (`models.ops`), used to check the
+  buffers that checkpoints store.
 
 Nothing in this module imports torch at import time.
 """
@@ -21,6 +22,8 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
+
+from magnet_jax.models.ops import relative_position_index  # noqa: F401 (re-exported)
 
 # How many names an error message lists per category before summarising the rest.
 _MAX_NAMES = 12
@@ -128,17 +131,6 @@ def to_numpy(t: Any) -> np.ndarray:
 
 # ---------------------------------------------------------------------------------------------
 # Swin relative position index (magnet_architecture.md §2.3).
-
-
-def relative_position_index(window: int) -> np.ndarray:
-    """(w², w²) int64: idx(i, j) = (y_i - y_j + w - 1)·(2w - 1) + (x_i - x_j + w - 1).
-
-    Token i of a window sits at (y_i, x_i) = divmod(i, w) (row-major).
-    """
-    ys, xs = np.divmod(np.arange(window * window), window)
-    dy = ys[:, None] - ys[None, :] + window - 1
-    dx = xs[:, None] - xs[None, :] + window - 1
-    return (dy * (2 * window - 1) + dx).astype(np.int64)
 
 
 def window_from_bias_table(num_rows: int, key: str = "relative_position_bias_table") -> int:
