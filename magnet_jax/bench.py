@@ -1,4 +1,4 @@
-"""Benchmarks: `python -m magnet_jax.bench forward --config configs/magnet.py:ARG --batch_size N`
+"""Benchmarks: `python -m magnet_jax.bench forward --config configs/magnet.py:ARG --batch-size N`
 and `python -m magnet_jax.bench data --data DIR [--split train] [--image_size 480]`.
 
 forward: jit-compiled inference (logits at input resolution) on random weights: compile
@@ -39,6 +39,9 @@ _GLOBAL_BATCH = flags.DEFINE_integer("global_batch", 32, "bench data: examples p
 _WORKERS = flags.DEFINE_list("workers", ["0", "1", "2"], "bench data: worker counts to time")
 _DATA_BATCHES = flags.DEFINE_integer("data_batches", 30, "bench data: timed batches")
 _DATA_WARMUP = flags.DEFINE_integer("data_warmup", 3, "bench data: untimed batches first")
+# Dashed spellings too (`--batch-size 2`), as the rest of the project's CLIs use them.
+for _name in ("batch_size", "image_size", "global_batch", "data_batches", "data_warmup"):
+    flags.DEFINE_alias(_name.replace("_", "-"), _name)
 
 WHATS = ("forward", "data")
 

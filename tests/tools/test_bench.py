@@ -12,3 +12,15 @@ def test_bench_forward_reports_throughput():
     assert result["images_per_s"] > 0 and result["compile_s"] > 0
     assert abs(result["images_per_s"] - 2 / result["step_s"]) / result["images_per_s"] < 0.01
     assert result["peak_rss_gb"] > 0
+
+
+def test_bench_accepts_dashed_flags():
+    from absl import flags
+
+    parsed = flags.FLAGS
+    old = parsed.batch_size
+    try:
+        parsed["batch-size"].parse("3")
+        assert parsed.batch_size == 3
+    finally:
+        parsed.batch_size = old
