@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
-import fractions
-import os
 
 import numpy as np
 import pytest
