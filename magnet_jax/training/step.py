@@ -105,7 +105,7 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, seed: i
         (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, key)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = dict(metrics, grad_norm=optax.global_norm(grads))
+        metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     return train_step
