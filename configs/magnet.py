@@ -1,14 +1,21 @@
-"""MagNet configs: `--config configs/magnet.py:ARG`.
+"""MagNet configs: `--config configs/magnet.py:ARG`, overridable as `--config.key=value`.
 
-ARG  model
----  -----
-official / refcoco / refcoco+ / refcocog_umd / refcocog_google
-     Swin-B (window 12) + BERT-base at 480×480, the released single-dataset checkpoints.
-all448  the same at 448×448 (magnet_all.pth).
-swin_tiny  Swin-T (window 7) + BERT-base at 224×224: a reduced official-layout model.
-tiny    the CI-sized model of every test (64×64).
+ARG                 model, data and recipe
+---                 ------------------------------------------------------------------------
+synthetic           (default of `python -m magnet_jax.train`) the CI-sized model at 64×64 on
+                    the built-in synthetic data, generated into WORKDIR on first use; trains
+                    in under 20 minutes on a 2-core CPU (docs/results.md).
+refcoco, refcoco+, refcocog_umd, refcocog_google
+                    Swin-B (window 12) + BERT-base at 480×480 on converted REFER data
+                    (`--config.data.dir`), the recipe of training_objectives.md §6.2: AdamW
+                    5e-5, poly decay, global batch 32, 40 epochs, L_seg + 0.5 L_MG + 0.5 L_CAL.
+                    Initialise from local checkpoints with --config.init.swin / .bert.
+official            the released architecture (refcoco recipe).
+all448              the same at 448×448 (magnet_all.pth).
+swin_tiny           Swin-T (window 7) + BERT-base at 224×224: a reduced official-layout model.
+tiny                the CI-sized model of every test (64×64), synthetic recipe.
 
-Any field can be overridden: --config.model.image_size=448.
+Per-dataset files (configs/refcoco.py, ...) are this file with their ARG fixed.
 """
 
 from __future__ import annotations
@@ -17,7 +24,15 @@ import ml_collections
 
 from magnet_jax.models import presets
 
-OFFICIAL_480 = ("official", "refcoco", "refcoco+", "refcocog_umd", "refcocog_google")
+REFER_480 = ("refcoco", "refcoco+", "refcocog_umd", "refcocog_google")
+OFFICIAL_480 = ("official",) + REFER_480
+SMALL = ("synthetic", "tiny")
+KNOWN = SMALL + OFFICIAL_480 + ("all448", "swin_tiny")
+# Refs in each train split (data_formats.md §1.4): one epoch = one pass over the refs.
+TRAIN_REFS = {"refcoco": 42_404, "refcoco+": 42_278, "refcocog_umd": 42_226,
+              "refcocog_google": 44_822}
+EVAL_SPLITS = {"refcoco": ("val", "testA", "testB"), "refcoco+": ("val", "testA", "testB"),
+               "refcocog_umd": ("val", "test"), "refcocog_google": ("val",)}
 
 
 def model_config(arg: str) -> ml_collections.ConfigDict:
@@ -27,15 +42,98 @@ def model_config(arg: str) -> ml_collections.ConfigDict:
         return presets.official_model_config(448)
     if arg == "swin_tiny":
         return presets.swin_model_config("tiny", window_size=7, image_size=224)
-    if arg == "tiny":
+    if arg in SMALL:
         return presets.tiny_model_config(64)
-    known = OFFICIAL_480 + ("all448", "swin_tiny", "tiny")
-    raise ValueError(f"unknown config argument {arg!r}; known: {', '.join(known)}")
+    raise ValueError(f"unknown config argument {arg!r}; known: {', '.join(KNOWN)}")
 
 
-def get_config(arg: str = "official") -> ml_collections.ConfigDict:
+def _refer_recipe(config: ml_collections.ConfigDict, dataset: str) -> None:
+    """training_objectives.md §6.2 for one REFER dataset."""
+    config.data.dir = ""                      # required: a converted dataset (data.convert)
+    config.data.eval_splits = ("val",)        # the test splits: `python -m magnet_jax.evaluate`
+    config.train.global_batch_size = 32
+    config.train.num_epochs = 40
+    config.train.epoch_refs = TRAIN_REFS[dataset]
+    config.train.log_every_steps = 50
+    config.eval.every_steps = 1325            # about one epoch
+    config.eval.batch_size = 32
+    config.checkpoint.every_steps = 1325
+    config.optim.lr = 5e-5
+    config.optim.text_trainable = "lavt"
+
+
+def get_config(arg: str = "synthetic") -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.name = arg
-    config.model = model_config(arg)
     config.seed = 0
+    config.model = model_config(arg)
+    config.model.training_heads = True        # Mask Grounding and CAL read l_4' and lang_proj
+
+    # Data: converted REFER shards (data.convert) or the built-in synthetic set.
+    config.data = ml_collections.ConfigDict(dict(
+        dir="",                  # converted data; "" = synthetic data generated under WORKDIR
+        train_split="train",
+        eval_splits=("val",),
+        convention="official",   # mask convention (data_formats.md §2)
+        sample="ref",            # "ref": one random sentence per ref per epoch | "sentence"
+        augment=False,           # mild crop/colour; flips skip left/right sentences
+        num_workers=0,           # grain worker processes (0 = decode in this process)
+        read_threads=2,
+        prefetch=8,
+        seed=0,                  # shuffle / sentence / token-masking seed (model seed apart)
+        synthetic=ml_collections.ConfigDict(dict(
+            num_train=4000, num_val=300, num_heldout=300, image_size=64, seed=0)),
+    ))
+    config.train = ml_collections.ConfigDict(dict(
+        global_batch_size=16,
+        num_steps=0,             # 0 = num_epochs × epoch_refs / global_batch_size
+        num_epochs=0,
+        epoch_refs=0,            # 0 = the train split's ref count from meta.json
+        accumulation_steps=1,    # microbatches per step, summed inside the jitted step
+        compute_dtype="float32",  # "bfloat16": bf16 activations, fp32 master weights and losses
+        mesh_data=-1,            # -1 = all devices / fsdp
+        mesh_fsdp=1,
+        log_every_steps=25,
+        progress_bar=True,
+        stop_on_nonfinite=True,
+        max_runtime_minutes=0.0,  # 0 = no limit; > 0 saves and stops when exceeded
+    ))
+    config.optim = ml_collections.ConfigDict(dict(
+        lr=1e-3, weight_decay=1e-2, warmup_steps=100, power=0.9, end_lr=0.0,
+        clip_global_norm=1.0, backbone_lr_mult=1.0, wd_mask="magnet_jax",
+        text_trainable="all", b1=0.9, b2=0.999, eps=1e-8))
+    config.loss = ml_collections.ConfigDict(dict(
+        kind="bce_dice", bce_weight=5.0, dice_weight=5.0, class_weight=0.0,
+        deep_supervision=True))
+    config.mg = ml_collections.ConfigDict(dict(
+        weight=0.5,              # λ_MG; 0 turns Mask Grounding off
+        p_select=0.15, p_mask=0.9, p_random=0.0, min_selected=0,
+        max_predictions=6,       # vocabulary logits at ≤ 6 selected tokens per sentence (0 = all)
+        depth=2, num_heads=12, intermediate=3072, mask_encoder="occupancy", dropout=0.1))
+    config.cal = ml_collections.ConfigDict(dict(
+        weight=0.5,              # λ_CAL; 0 turns the alignment loss off
+        p2t="bce", temperature=0.07, w_p2t=1.0, w_p2p=1.0, num_fg=512, num_bg=512))
+    config.eval = ml_collections.ConfigDict(dict(
+        every_steps=500, batch_size=50, num_overlays=8, at_end=True))
+    config.checkpoint = ml_collections.ConfigDict(dict(
+        every_steps=500, max_to_keep=2, keep_best=True, best_metric="val/oIoU",
+        async_save=True))
+    config.init = ml_collections.ConfigDict(dict(
+        swin="",                 # local Swin checkpoint (.pth / .safetensors; weights.swin)
+        bert="",                 # local BERT checkpoint (weights.bert)
+        params=""))              # a converted magnet_jax params directory (convert.py)
+
+    if arg in REFER_480:
+        _refer_recipe(config, arg)
+        config.data.eval_splits = ("val",)
+    elif arg in ("official", "all448", "swin_tiny"):
+        _refer_recipe(config, "refcoco")
+    else:  # synthetic / tiny
+        config.data.eval_splits = ("val", "heldout")
+        config.mg.update(dict(depth=1, num_heads=2, intermediate=128))
+        config.cal.update(dict(num_fg=64, num_bg=64))
+        # 1800 steps of 16 fit the 20-minute budget of a 2-core CPU (docs/results.md).
+        config.train.num_steps = 1800
+        config.eval.every_steps = 600
+        config.checkpoint.every_steps = 600
     return config

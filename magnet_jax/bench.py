@@ -1,5 +1,11 @@
-"""Benchmarks: `python -m magnet_jax.bench forward --config configs/magnet.py:ARG --batch-size N`
+"""Benchmarks: `python -m magnet_jax.bench forward --config configs/magnet.py:ARG --batch-size N`,
+`python -m magnet_jax.bench train --config configs/NAME.py --batch-size N [--config.key=value]`
 and `python -m magnet_jax.bench data --data DIR [--split train] [--image_size 480]`.
+
+train: the full jitted train step (every objective the config turns on, the optimiser update,
+donated state) on random weights and inputs: compile time, steps/s and images/s over --iters
+steps after a warm-up, peak memory (device on accelerators, host RSS on CPU), XLA's FLOP count
+of one step and, on known accelerators, model FLOPs utilisation against the bf16 peak.
 
 forward: jit-compiled inference (logits at input resolution) on random weights: compile
 time, images/s over --iters timed calls after a warm-up, peak host memory.
@@ -43,7 +49,10 @@ _DATA_WARMUP = flags.DEFINE_integer("data_warmup", 3, "bench data: untimed batch
 for _name in ("batch_size", "image_size", "global_batch", "data_batches", "data_warmup"):
     flags.DEFINE_alias(_name.replace("_", "-"), _name)
 
-WHATS = ("forward", "data")
+WHATS = ("forward", "data", "train")
+# Dense bf16 peak FLOP/s per chip, for model FLOPs utilisation (vendor figures).
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v4": 275e12,
+                   "TPU v5 lite": 197e12, "TPU v5p": 459e12, "TPU v6 lite": 918e12}
 
 
 def bench_forward(model_config, name: str, batch_size: int, iters: int, seed: int,
@@ -82,6 +91,97 @@ def bench_forward(model_config, name: str, batch_size: int, iters: int, seed: in
                 devices=str(jax.devices()[0].platform), cpus=os.cpu_count(),
                 machine=platform.machine(), jax=jax.__version__,
                 date=time.strftime("%Y-%m-%d"))
+
+
+def _peak_memory_gb() -> float:
+    """Peak device memory on accelerators; peak host RSS (process) on CPU."""
+    import jax
+    stats = jax.devices()[0].memory_stats() if jax.devices()[0].platform != "cpu" else None
+    if stats and "peak_bytes_in_use" in stats:
+        return round(stats["peak_bytes_in_use"] / 2**30, 2)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
+
+
+def _peak_flops(device) -> float | None:
+    kind = getattr(device, "device_kind", "")
+    for name, flops in PEAK_BF16_FLOPS.items():
+        if name.lower() in kind.lower():
+            return flops
+    return None
+
+
+def train_batch(config, batch_size: int, seed: int) -> dict:
+    """A random training batch with every key the configured objectives read."""
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    size, n = config.model.image_size, config.model.max_tokens
+    mask = np.zeros((batch_size, size, size), np.float32)
+    mask[:, size // 4: size // 2, size // 3: 2 * size // 3] = 1
+    att = (np.arange(n)[None] < rng.integers(4, n + 1, (batch_size, 1))).astype(np.int32)
+    ids = (rng.integers(1000, 2000, (batch_size, n)) * att).astype(np.int32)
+    ids[:, 0] = 101
+    targets = np.where((rng.random((batch_size, n)) < 0.15) & (att == 1), ids, -1).astype(np.int32)
+    targets[:, 0] = -1
+    return dict(image=rng.standard_normal((batch_size, size, size, 3)).astype(np.float32),
+                mask=mask, ids=ids, att=att, weight=np.ones((batch_size,), np.float32),
+                mg_ids=np.where(targets >= 0, 103, ids).astype(np.int32), mg_targets=targets)
+
+
+def bench_train(config, batch_size: int, iters: int, seed: int) -> dict:
+    """The full jitted train step (every configured objective) on random weights and inputs."""
+    import jax
+    import numpy as np
+    from magnet_jax import sharding
+    from magnet_jax.training import loop
+    from magnet_jax.training.optimizer import make_optimizer
+    from magnet_jax.training.step import (BATCH_KEYS, MG_BATCH_KEYS, init_train_state,
+                                          jit_train_step, make_loss_fn, make_train_step)
+
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+        config.train.global_batch_size = batch_size
+        config.eval.batch_size = batch_size
+    mesh = loop.make_run_mesh(config)
+    model_cfg, model, head = loop.model_from_config(config)
+    objectives = loop.objectives_from_config(config)
+    opt_cfg = loop.optimizer_config(config, max(iters + 2, 10))
+    size = int(model_cfg.image_size)
+    state, shardings, tx = init_train_state(model, head, lambda p: make_optimizer(p, opt_cfg),
+                                            size, seed, mesh, max_tokens=int(model_cfg.max_tokens))
+    keys = BATCH_KEYS + (MG_BATCH_KEYS if objectives.uses_mg else ())
+    host = train_batch(config, batch_size, seed)
+    batch = jax.device_put({k: host[k] for k in keys}, sharding.batch_sharding(mesh))
+    step = jit_train_step(make_train_step(make_loss_fn(model, head, objectives), tx, seed,
+                                          config.train.accumulation_steps), shardings, mesh)
+    start = time.perf_counter()
+    compiled = step.lower(state, batch).compile()
+    compile_s = time.perf_counter() - start
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    flops = float(cost.get("flops", 0.0)) if cost else 0.0
+    state, metrics = compiled(state, batch)                              # warm-up
+    jax.block_until_ready(metrics)
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        state, metrics = compiled(state, batch)
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - start)
+    step_s = float(np.median(times))
+    device = jax.devices()[0]
+    peak = _peak_flops(device)
+    result = dict(what="train", config=config.name, image_size=size, batch_size=batch_size,
+                  compute_dtype=config.train.compute_dtype, remat=bool(config.model.remat),
+                  mg=objectives.uses_mg, cal=objectives.uses_cal, iters=iters,
+                  compile_s=round(compile_s, 2), step_s=round(step_s, 4),
+                  steps_per_s=round(1 / step_s, 3), images_per_s=round(batch_size / step_s, 3),
+                  step_tflops=round(flops / 1e12, 3), peak_memory_gb=_peak_memory_gb(),
+                  loss=round(float(metrics["loss"]), 4), devices=len(jax.devices()),
+                  device=getattr(device, "device_kind", device.platform), cpus=os.cpu_count(),
+                  jax=jax.__version__, date=time.strftime("%Y-%m-%d"))
+    if peak and flops:
+        result["mfu"] = round(flops / step_s / (peak * len(jax.devices())), 4)
+    return result
 
 
 def bench_data(data_dir: str, split: str, image_size: int, global_batch: int, workers: int,
@@ -123,6 +223,13 @@ def main(argv):
             print(json.dumps(bench_data(_DATA.value, _SPLIT.value, _IMAGE_SIZE.value,
                                         _GLOBAL_BATCH.value, int(w), _DATA_BATCHES.value,
                                         _DATA_WARMUP.value, _SEED.value)), flush=True)
+        return 0
+    if argv[1] == "train":
+        if _CONFIG.value is None:
+            print("error: bench train needs --config FILE[:ARG] (e.g. configs/synthetic.py)",
+                  file=sys.stderr)
+            return 2
+        print(json.dumps(bench_train(_CONFIG.value, _BATCH.value, _ITERS.value, _SEED.value)))
         return 0
     if _CHECKPOINT.value:
         from magnet_jax import checkpoint_io

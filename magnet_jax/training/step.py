@@ -44,6 +44,7 @@ class Objectives:
     mg_weight: float = 0.5                                             # 0 turns Mask Grounding off
     cal_weight: float = 0.5                                            # 0 turns CAL off
     cal: Mapping[str, Any] = dataclasses.field(default_factory=dict)   # cal_loss kwargs
+    mg_max_predictions: int = 0        # > 0: vocabulary logits at this many selected positions
 
     @property
     def uses_mg(self) -> bool:
@@ -57,6 +58,16 @@ class Objectives:
 def model_params(params: Mapping[str, Any]) -> dict[str, Any]:
     """The MagNet part of the training params (what inference and checkpoints of the model use)."""
     return {k: v for k, v in params.items() if k != MG_KEY}
+
+
+def selected_positions(targets: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """(B, N) targets (−1 = not selected) -> the first k selected positions of each row and
+    their targets; rows with fewer are padded with position 0 and target −1 (ignored), and
+    selections past the k-th are dropped (BERT's max_predictions_per_seq)."""
+    k = min(int(k), targets.shape[1])
+    order = jnp.argsort(jnp.where(targets >= 0, 0, 1), axis=1, stable=True)[:, :k]
+    picked = jnp.take_along_axis(targets, order, axis=1)
+    return jnp.where(picked >= 0, order, 0), picked
 
 
 def make_loss_fn(model: MagNet, mg_head: nn.Module | None, objectives: Objectives) -> Callable:
@@ -80,10 +91,14 @@ def make_loss_fn(model: MagNet, mg_head: nn.Module | None, objectives: Objective
             text = model.apply(variables, batch["mg_ids"], batch["att"], inter["visual_stages"],
                                train=True, method=MagNet.encode_text, rngs={"dropout": k_text})
             embedding = variables["params"]["language_model"]["embeddings"]["word_embeddings"]
+            positions, targets = None, batch["mg_targets"]
+            if objectives.mg_max_predictions > 0:
+                positions, targets = selected_positions(targets, objectives.mg_max_predictions)
             logits = mg_head.apply({"params": params[MG_KEY]}, text, batch["att"],
                                    inter["features"][-1], batch["mask"], embedding["embedding"],
-                                   deterministic=False, rngs={"dropout": k_head})
-            loss_mg, mg_metrics = mask_grounding_loss(logits, batch["mg_targets"], batch["weight"])
+                                   deterministic=False, positions=positions,
+                                   rngs={"dropout": k_head})
+            loss_mg, mg_metrics = mask_grounding_loss(logits, targets, batch["weight"])
             total = total + objectives.mg_weight * loss_mg
             metrics.update(mg_metrics)
         if objectives.uses_cal:
@@ -98,11 +113,50 @@ def make_loss_fn(model: MagNet, mg_head: nn.Module | None, objectives: Objective
     return loss_fn
 
 
-def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, seed: int) -> Callable:
-    """The pure step (state, batch) -> (state, metrics); metrics are global means."""
+def _microbatches(batch: Mapping[str, jax.Array], k: int) -> dict[str, jax.Array]:
+    """(B, ...) -> (k, B/k, ...) with microbatch j = examples j, j+k, ...: each microbatch
+    takes an equal share of every device's rows, so all devices work on every microbatch."""
+    def split(x):
+        if x.shape[0] % k:
+            raise ValueError(f"batch of {x.shape[0]} is not divisible into "
+                             f"{k} microbatches (train.accumulation_steps)")
+        return jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1)
+    return {name: split(x) for name, x in batch.items()}
+
+
+def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, seed: int,
+                    accumulation_steps: int = 1) -> Callable:
+    """The pure step (state, batch) -> (state, metrics); metrics are global means.
+
+    accumulation_steps k > 1 splits the batch into k microbatches, scans over them summing
+    gradients (peak activation memory of one microbatch) and makes one update with the mean:
+    the same update as the whole batch when every example has weight 1 (the losses are
+    per-microbatch weighted means). Microbatch j draws its randomness from fold_in(key, j).
+    """
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def gradients(params, batch, key):
+        if accumulation_steps == 1:
+            (_, metrics), grads = grad_fn(params, batch, key)
+            return grads, metrics
+        micro = _microbatches(batch, accumulation_steps)
+
+        def body(acc, xs):
+            j, mb = xs
+            (_, m), g = grad_fn(params, mb, jax.random.fold_in(key, j))
+            return jax.tree.map(jnp.add, acc, (g, m)), None
+
+        zeros = jax.eval_shape(lambda: grad_fn(params, jax.tree.map(lambda x: x[0], micro),
+                                               key))
+        init = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (zeros[1], zeros[0][1]))
+        (grads, metrics), _ = jax.lax.scan(body, init,
+                                           (jnp.arange(accumulation_steps), micro))
+        scale = 1.0 / accumulation_steps
+        return jax.tree.map(lambda x: x * scale, grads), jax.tree.map(lambda x: x * scale, metrics)
+
     def train_step(state: TrainState, batch: Mapping[str, jax.Array]):
         key = jax.random.fold_in(jax.random.key(seed), state.step)
-        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, key)
+        grads, metrics = gradients(state.params, batch, key)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = dict(metrics, grad_norm=optax.tree.norm(grads))

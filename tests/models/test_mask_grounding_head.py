@@ -207,3 +207,27 @@ def test_head_memorises_a_fixed_batch():
     assert losses[0] > 3.0  # ≈ log(50) at init
     assert losses[-1] < 0.1 * losses[0]
     assert float(metrics["mg_accuracy"]) == 1.0
+
+
+def test_positions_predict_only_the_selected_tokens():
+    """With positions, the logits are exactly the full logits at those positions, and the
+    gathered loss equals the full loss when no selection is dropped."""
+    from magnet_jax.training.step import selected_positions
+
+    head, inputs = tiny_head(), tiny_inputs()
+    params = init(head, inputs)
+    full = head.apply(params, *inputs, deterministic=True)
+    targets = jnp.asarray([[-1, 7, -1, 9, -1, -1], [3, -1, -1, -1, -1, 4]], jnp.int32)
+    positions, picked = selected_positions(targets, 3)
+    np.testing.assert_array_equal(positions, [[1, 3, 0], [0, 5, 0]])
+    np.testing.assert_array_equal(picked, [[7, 9, -1], [3, 4, -1]])
+    part = head.apply(params, *inputs, deterministic=True, positions=positions)
+    assert part.shape == (B, 3, V)
+    np.testing.assert_allclose(part, jnp.take_along_axis(full, positions[..., None], axis=1),
+                               rtol=1e-6, atol=1e-6)
+    weight = jnp.ones((B,))
+    np.testing.assert_allclose(mask_grounding_loss(part, picked, weight)[0],
+                               mask_grounding_loss(full, targets, weight)[0], rtol=1e-6)
+    # More selections than k: the first k are kept.
+    _, kept = selected_positions(targets, 1)
+    np.testing.assert_array_equal(kept, [[7], [3]])

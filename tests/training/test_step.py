@@ -107,3 +107,123 @@ def test_adamw_state_is_sharded_like_the_parameters():
     # The Adam moments of that kernel carry the same spec; counters are replicated.
     assert specs.count(kernel_spec) >= 2
     assert int(state.step) == 0
+
+
+def _deterministic_model():
+    cfg = tiny_model_config(SIZE)
+    cfg.swin.drop_path_rate = 0.0
+    cfg.bert.hidden_dropout = cfg.bert.attention_dropout = 0.0
+    return build_model(cfg)
+
+
+@pytest.mark.slow
+def test_gradient_accumulation_equals_the_whole_batch():
+    """Two microbatches scanned inside the step give the whole batch's update (no dropout,
+    every weight 1: the mean of the microbatch means is the batch mean)."""
+    model = _deterministic_model()
+    mesh = sharding.make_mesh(8, 1)
+    batch = _batch()
+    batch["weight"][:] = 1.0
+    batch = jax.device_put(batch, sharding.batch_sharding(mesh))
+    objectives = Objectives(seg=dict(deep_supervision=True), mg_weight=0.0, cal_weight=0.0)
+    results = []
+    for k in (1, 2):
+        state, shardings, tx = init_train_state(model, None, lambda p: optax.sgd(1e-2), SIZE,
+                                                seed=0, mesh=mesh)
+        step = jit_train_step(make_train_step(make_loss_fn(model, None, objectives), tx, seed=0,
+                                              accumulation_steps=k),
+                              shardings, mesh, compiler_options={"xla_backend_optimization_level": 0})
+        state, metrics = step(state, batch)
+        results.append((jax.device_get(state.params), jax.device_get(metrics)))
+    (p1, m1), (p2, m2) = results
+    np.testing.assert_allclose(m2["loss"], m1["loss"], rtol=1e-5)
+    np.testing.assert_allclose(m2["grad_norm"], m1["grad_norm"], rtol=1e-4)
+    worst = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)))
+    assert worst < 1e-6
+
+
+_TWO_PROCESS_STEP = """
+import json, sys
+import jax
+jax.config.update("jax_num_cpu_devices", 2)
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
+import optax
+from magnet_jax import sharding
+from magnet_jax.training.step import init_train_state, jit_train_step, make_loss_fn, make_train_step
+from tests.training import test_step as t
+mesh = sharding.make_mesh(2, 2)                     # 4 devices over 2 processes
+model, head = t._model_and_head()
+state, shardings, tx = init_train_state(model, head, lambda p: optax.sgd(1e-3), t.SIZE, seed=0,
+                                        mesh=mesh)
+step = jit_train_step(make_train_step(make_loss_fn(model, head, t.OBJECTIVES), tx, seed=0),
+                      shardings, mesh, compiler_options={"xla_backend_optimization_level": 0})
+half = t.BATCH // 2
+pid = jax.process_index()
+local = {k: v[pid * half:(pid + 1) * half] for k, v in t._batch().items()}
+batch = {k: jax.make_array_from_process_local_data(sharding.batch_sharding(mesh), v)
+         for k, v in local.items()}
+losses = []
+for _ in range(2):
+    state, metrics = step(state, batch)
+    losses.append(float(metrics["loss"]))
+print("LOSSES " + json.dumps(losses), flush=True)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_two_process_run_gives_the_single_device_losses(single_device_run):
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
+    env.update(JAX_PLATFORMS="cpu",
+               PYTHONPATH=str(Path(__file__).resolve().parents[2]) + os.pathsep
+               + env.get("PYTHONPATH", ""))
+    procs = [subprocess.Popen([sys.executable, "-c", _TWO_PROCESS_STEP, f"localhost:{port}",
+                               str(i)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for i in range(2)]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[-2000:] for o in outs]
+    import json
+    losses = [json.loads(next(l for l in o.splitlines() if l.startswith("LOSSES "))[7:])
+              for o in outs]
+    _, _, ref_losses = single_device_run
+    assert losses[0] == losses[1]
+    np.testing.assert_allclose(losses[0], ref_losses, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_bf16_compute_keeps_float32_master_weights():
+    """bf16 activations: the parameters and the Adam moments stay float32, the loss is float32
+    and close to the float32 model's on the same weights and batch."""
+    cfg = tiny_model_config(SIZE)
+    cfg.training_heads = True
+    losses = {}
+    mesh = sharding.make_mesh(1, 1, devices=jax.devices()[:1])
+    batch = jax.device_put(_batch(), sharding.batch_sharding(mesh))
+    objectives = Objectives(seg=dict(deep_supervision=True), mg_weight=0.0, cal_weight=0.0)
+    for dtype in ("float32", "bfloat16"):
+        cfg.dtype = dtype
+        model = build_model(cfg)
+        state, shardings, tx = init_train_state(
+            model, None, lambda p: make_optimizer(p, dict(total_steps=10)), SIZE, seed=0, mesh=mesh)
+        step = jit_train_step(make_train_step(make_loss_fn(model, None, objectives), tx, seed=0),
+                              shardings, mesh,
+                              compiler_options={"xla_backend_optimization_level": 0})
+        state, metrics = step(state, batch)
+        assert metrics["loss"].dtype == np.float32
+        assert {x.dtype for x in jax.tree.leaves(state.params)} == {np.dtype(np.float32)}
+        assert {x.dtype for x in jax.tree.leaves(state.opt_state)
+                if x.ndim > 0} == {np.dtype(np.float32)}
+        losses[dtype] = float(metrics["loss"])
+    print(f"loss float32 {losses['float32']:.5f}, bfloat16 {losses['bfloat16']:.5f}")
+    assert np.isfinite(losses["bfloat16"])
+    np.testing.assert_allclose(losses["bfloat16"], losses["float32"], rtol=5e-2)

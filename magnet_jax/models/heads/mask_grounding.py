@@ -47,12 +47,16 @@ class MaskGroundingHead(nn.Module):
     @nn.compact
     def __call__(self, text_features: jax.Array, text_att: jax.Array, visual: jax.Array,
                  gt_mask: jax.Array, word_embeddings: jax.Array,
-                 deterministic: bool = True) -> jax.Array:
+                 deterministic: bool = True, positions: jax.Array | None = None) -> jax.Array:
         """text_features (B, N, Ct): l_4' of the masked sentence; text_att (B, N) {0,1};
         visual (B, h, w, Cv): feat_4; gt_mask (B, H, W) {0,1}; word_embeddings (V, Ct): the
         BERT word-embedding matrix itself (passed in so that gradients reach it).
 
-        Returns logits (B, N, V) float32 for the text positions only.
+        positions (B, K) int, optional: predict only these text positions (BERT's
+        max_predictions_per_seq), which skips the (N - K) / N of the vocabulary projection
+        that unselected tokens would waste.
+
+        Returns logits (B, N, V) float32 for the text positions only, (B, K, V) with positions.
         """
         if self.mask_encoder not in MASK_ENCODERS:
             raise ValueError(f"mask_encoder must be one of {MASK_ENCODERS}, "
@@ -114,6 +118,8 @@ class MaskGroundingHead(nn.Module):
 
         # BertLMPredictionHead on the text positions only: transform, then tied decoder.
         y = x[:, :n]
+        if positions is not None:
+            y = jnp.take_along_axis(y, positions[..., None].astype(jnp.int32), axis=1)
         y = TransformHead(emb_dim, self.layer_norm_eps, dtype=self.dtype, name="transform")(y)
         bias = self.param("output_bias", nn.with_logical_partitioning(nn.initializers.zeros,
                                                                       ("vocab",)),

@@ -1,0 +1,456 @@
+"""The training loop behind `python -m magnet_jax.train`.
+
+One run = one workdir:
+  WORKDIR/config.json       the run's config (a resumed run must match it, checkpointing.py)
+  WORKDIR/checkpoints/      orbax: train state + data-iterator state + config, last N + best
+  WORKDIR/metrics.jsonl     one JSON object per logged step / evaluation; TensorBoard events
+  WORKDIR/overlays/step_N/  prediction overlays of the first evaluation examples
+  WORKDIR/curves.png        loss and validation curves (redrawn at every evaluation)
+  WORKDIR/params/           the final model parameters (checkpoint_io format: predict/evaluate)
+  WORKDIR/synthetic_data/   the built-in data, when data.dir is empty
+
+Resume is exact: the state, the data iterator and the step RNG (fold_in(seed, step)) continue
+where the checkpoint stopped, so an interrupted-and-resumed run logs the same losses as an
+uninterrupted one. SIGTERM (or SIGINT) saves at the next step boundary and returns. A
+non-finite loss stops the run with the step and the batch's ref/sentence ids; the state of that
+step is never saved.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from magnet_jax import sharding
+from magnet_jax.data import pipeline, records
+from magnet_jax.data.token_masking import MaskTokens
+from magnet_jax.data.transforms import Augment
+from magnet_jax.models import build_model
+from magnet_jax.models.heads.mask_grounding import MaskGroundingHead
+from magnet_jax.training import checkpointing
+from magnet_jax.training.evaluation import evaluate_split, make_eval_step
+from magnet_jax.training.optimizer import as_optimizer_config, make_optimizer
+from magnet_jax.training.step import (BATCH_KEYS, MG_BATCH_KEYS, MG_KEY, Objectives,
+                                      init_train_state, jit_train_step, make_loss_fn,
+                                      make_train_step, model_params)
+from magnet_jax.writers import MetricWriter
+
+log = logging.getLogger(__name__)
+
+SYNTHETIC_DIR = "synthetic_data"
+PARAMS_DIR = "params"
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss of a step was NaN or infinite."""
+
+
+class ConfigError(ValueError):
+    """A config value that cannot run (a one-line message naming the key)."""
+
+
+@dataclasses.dataclass
+class RunResult:
+    step: int                          # steps completed
+    stopped: str                       # "done" | "preempted" | "time_limit" | "paused"
+    last_metrics: dict[str, float]     # the last logged train metrics
+    eval_metrics: dict[str, float]     # the last evaluation ("val/oIoU", ...)
+    seconds: float
+
+
+# --------------------------------------------------------------------------------------------
+# Setup pieces
+
+
+def prepare_data(config, workdir: Path) -> str:
+    """The data directory of this run: the configured one (checked) or the synthetic set."""
+    splits = (config.data.train_split,) + tuple(config.data.eval_splits)
+    if config.data.dir:
+        data_dir = os.path.abspath(os.path.expanduser(config.data.dir))
+        if not os.path.isdir(data_dir):
+            raise ConfigError(f"data.dir {data_dir} does not exist (convert a dataset with "
+                              "`python -m magnet_jax.data.convert`, or leave data.dir empty for "
+                              "the synthetic data)")
+    else:
+        data_dir = str(workdir / SYNTHETIC_DIR)
+        syn = config.data.synthetic
+        if jax.process_index() == 0 and not all(
+                os.path.exists(records.meta_path(data_dir, s)) for s in splits):
+            from magnet_jax.data import synthetic
+            log.info("writing the synthetic dataset to %s", data_dir)
+            synthetic.generate(data_dir, num_train=syn.num_train, num_val=syn.num_val,
+                               num_heldout=syn.num_heldout, image_size=syn.image_size,
+                               seed=syn.seed, verbose=True)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices("synthetic data written")
+    for split in splits:
+        try:
+            records.read_meta(data_dir, split)
+        except Exception as e:  # noqa: BLE001: one line naming the split and the cause
+            raise ConfigError(f"data.dir {data_dir}: split {split!r} is not readable converted "
+                              f"data ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+                              ) from None
+    return data_dir
+
+
+def num_train_steps(config, data_dir: str) -> int:
+    t = config.train
+    if t.num_steps > 0:
+        return int(t.num_steps)
+    if t.num_epochs <= 0:
+        raise ConfigError("set train.num_steps or train.num_epochs (both are 0)")
+    refs = t.epoch_refs or len(records.read_meta(data_dir, config.data.train_split)
+                               ["sentence_counts"])
+    return max(1, int(t.num_epochs) * int(refs) // int(t.global_batch_size))
+
+
+def make_run_mesh(config):
+    devices = jax.devices()
+    n = len(devices)
+    data, fsdp = int(config.train.mesh_data), int(config.train.mesh_fsdp)
+    if fsdp < 1 or n % fsdp:
+        raise ConfigError(f"train.mesh_fsdp={fsdp} does not divide the {n} devices")
+    if data == -1:
+        data = n // fsdp
+    if data * fsdp != n:
+        raise ConfigError(f"train.mesh_data × train.mesh_fsdp = {data} × {fsdp} is not the "
+                          f"{n} devices")
+    for key, batch in (("train.global_batch_size", config.train.global_batch_size),
+                       ("eval.batch_size", config.eval.batch_size)):
+        if batch < 1 or batch % n:
+            raise ConfigError(f"{key}={batch} is not divisible by the {n} devices")
+    accum = config.train.accumulation_steps
+    if accum < 1 or (config.train.global_batch_size // n) % accum:
+        raise ConfigError(f"train.accumulation_steps={accum} does not divide the per-device "
+                          f"batch {config.train.global_batch_size // n}")
+    return sharding.make_mesh(data, fsdp, devices)
+
+
+def model_from_config(config):
+    model_cfg = config.model.copy_and_resolve_references()
+    if config.train.compute_dtype not in ("float32", "bfloat16"):
+        raise ConfigError(f"train.compute_dtype must be float32 or bfloat16, got "
+                          f"{config.train.compute_dtype!r}")
+    model_cfg.dtype = config.train.compute_dtype
+    model = build_model(model_cfg)
+    head = None
+    if config.mg.weight > 0:
+        head = MaskGroundingHead(num_heads=config.mg.num_heads, intermediate=config.mg.intermediate,
+                                 depth=config.mg.depth, mask_encoder=config.mg.mask_encoder,
+                                 dropout=config.mg.dropout,
+                                 dtype=jnp.bfloat16 if model_cfg.dtype == "bfloat16" else jnp.float32)
+    return model_cfg, model, head
+
+
+def objectives_from_config(config) -> Objectives:
+    seg = dict(config.loss.to_dict())
+    cal = dict(config.cal.to_dict())
+    cal_weight = cal.pop("weight")
+    return Objectives(seg=seg, mg_weight=float(config.mg.weight), cal_weight=float(cal_weight),
+                      cal=cal, mg_max_predictions=int(config.mg.max_predictions))
+
+
+def optimizer_config(config, total_steps: int):
+    items = dict(config.optim.to_dict())
+    items.update(total_steps=total_steps,
+                 warmup_steps=min(int(items.get("warmup_steps", 0)), total_steps - 1))
+    try:
+        return as_optimizer_config(items)
+    except ValueError as e:
+        raise ConfigError(f"optim: {e}") from None
+
+
+def train_iterator(config, data_dir: str, image_size: int):
+    mask_tokens = None
+    if config.mg.weight > 0:
+        mask_tokens = MaskTokens(p_select=config.mg.p_select, p_mask=config.mg.p_mask,
+                                 p_random=config.mg.p_random, min_selected=config.mg.min_selected,
+                                 vocab_size=config.model.bert.vocab_size)
+    ds = pipeline.train_dataset(data_dir, config.data.train_split, image_size=image_size,
+                                global_batch=config.train.global_batch_size,
+                                seed=config.data.seed, convention=config.data.convention,
+                                augment=Augment() if config.data.augment else None,
+                                sample=config.data.sample, mask_tokens=mask_tokens)
+    return pipeline.make_iterator(ds, config.data.num_workers, read_threads=config.data.read_threads,
+                                  prefetch_buffer=config.data.prefetch)
+
+
+def load_pretrained(config, params: dict, shardings: dict) -> dict:
+    """Replace subtrees of freshly initialised params with local pretrained weights."""
+    from magnet_jax.weights.common import flatten_tree, unflatten_tree
+
+    loaded: dict[str, Any] = {}
+    if config.init.params:
+        from magnet_jax.checkpoint_io import load_params
+        _, tree = load_params(config.init.params)
+        loaded.update(flatten_tree(tree))
+    if config.init.swin:
+        from magnet_jax.weights.swin import import_swin
+        tree, _ = import_swin(config.init.swin)
+        loaded.update(flatten_tree({"image_model": tree}))
+    if config.init.bert:
+        from magnet_jax.weights.bert import import_bert
+        tree, _ = import_bert(config.init.bert)
+        loaded.update(flatten_tree({"language_model": tree}))
+    if not loaded:
+        return params
+    flat = flatten_tree(params)
+    flat_shardings = flatten_tree(shardings)
+    unknown = sorted(k for k in loaded if k not in flat)
+    if unknown:
+        raise ConfigError(f"init: {len(unknown)} pretrained tensors have no place in this model, "
+                          f"e.g. {unknown[0]} (check model.swin / model.bert against the file)")
+    for key, value in loaded.items():
+        if tuple(value.shape) != tuple(flat[key].shape):
+            raise ConfigError(f"init: {key} has shape {tuple(value.shape)} in the pretrained file "
+                              f"but {tuple(flat[key].shape)} in the model")
+        flat[key] = jax.device_put(np.asarray(value, flat[key].dtype), flat_shardings[key])
+    log.info("initialised %d of %d tensors from pretrained files", len(loaded), len(flat))
+    return unflatten_tree(flat)
+
+
+# --------------------------------------------------------------------------------------------
+# The loop
+
+
+class _Preemption:
+    """SIGTERM/SIGINT set a flag; the loop saves at the next step boundary."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. under some test runners)
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        log.warning("signal %d: saving a checkpoint at the next step boundary", signum)
+        self.requested = True
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def agreed(self) -> bool:
+        """Whether any process was signalled (collective with several processes)."""
+        if jax.process_count() == 1:
+            return self.requested
+        from jax.experimental import multihost_utils
+        flags = multihost_utils.process_allgather(np.asarray(self.requested, np.int32))
+        return bool(np.max(flags))
+
+
+def _mean_metrics(history: list[dict[str, Any]]) -> dict[str, float]:
+    host = jax.device_get(history)
+    return {f"train/{k}": float(np.mean([h[k] for h in host])) for k in host[0]}
+
+
+def _check_finite(step: int, metrics: dict, ids: tuple[np.ndarray, np.ndarray]) -> None:
+    loss = float(jax.device_get(metrics["loss"]))
+    if not math.isfinite(loss):
+        pairs = ", ".join(f"{int(r)}/{int(s)}" for r, s in zip(*ids))
+        raise NonFiniteLossError(f"non-finite loss {loss} at step {step}; batch ref_id/sent_id "
+                                 f"(this process): {pairs}")
+
+
+def train(config, workdir: str | os.PathLike, *, allow_config_change: bool = False,
+          stop_after_steps: int | None = None,
+          compiler_options: dict | None = None) -> RunResult:
+    """Train (or resume) the run in `workdir`.
+
+    stop_after_steps: save and return after this global step, like a preemption (tests).
+    compiler_options: XLA options of the train step (tests compile at optimisation level 0).
+    """
+    start_time = time.time()
+    workdir = Path(workdir).absolute()
+    workdir.mkdir(parents=True, exist_ok=True)
+    checkpointing.check_config(workdir, config, allow_config_change)
+    data_dir = prepare_data(config, workdir)
+    total_steps = num_train_steps(config, data_dir)
+    mesh = make_run_mesh(config)
+    model_cfg, model, head = model_from_config(config)
+    image_size = int(model_cfg.image_size)
+    objectives = objectives_from_config(config)
+    opt_cfg = optimizer_config(config, total_steps)
+    state, state_shardings, tx = init_train_state(
+        model, head, lambda p: make_optimizer(p, opt_cfg), image_size, config.seed, mesh,
+        max_tokens=int(model_cfg.max_tokens))
+    train_step = jit_train_step(
+        make_train_step(make_loss_fn(model, head, objectives), tx, config.seed,
+                        config.train.accumulation_steps), state_shardings, mesh,
+        compiler_options=compiler_options)
+    model_param_shardings = model_params(state_shardings.params)
+    eval_step = make_eval_step(model, model_param_shardings, mesh)
+
+    ckpt = checkpointing.TrainCheckpoints(
+        workdir, max_to_keep=config.checkpoint.max_to_keep, keep_best=config.checkpoint.keep_best,
+        best_metric=config.checkpoint.best_metric, async_save=config.checkpoint.async_save)
+    data_iter = train_iterator(config, data_dir, image_size)
+    start = ckpt.latest_step()
+    if start is not None:
+        log.info("resuming from step %d in %s", start, ckpt.directory)
+        state = ckpt.restore(start, checkpointing.abstract_like(state), data_iter)
+    else:
+        start = 0
+        state = state.replace(params=load_pretrained(config, state.params,
+                                                     state_shardings.params))
+    writer = MetricWriter(workdir)
+    keys = BATCH_KEYS + (MG_BATCH_KEYS if objectives.uses_mg else ())
+    end = total_steps if stop_after_steps is None else min(total_steps, int(stop_after_steps))
+    step = start
+    stopped = "done"
+    last_metrics: dict[str, float] = {}
+    eval_metrics: dict[str, float] = {}
+    history: list[dict] = []
+    log_every = max(1, int(config.train.log_every_steps))
+    limit_s = float(config.train.max_runtime_minutes) * 60.0
+    bar = _progress(config, start, total_steps)
+    pending = None   # (step, metrics, ids) of the previous step: checked after the next dispatch
+    timer = (time.perf_counter(), step)
+
+    def run_eval(at_step: int) -> dict[str, float]:
+        results: dict[str, float] = {}
+        params = model_params(state.params)
+        for i, split in enumerate(config.data.eval_splits):
+            r = evaluate_split(eval_step, params, data_dir, split, image_size=image_size,
+                               global_batch=config.eval.batch_size, mesh=mesh,
+                               convention=config.data.convention,
+                               num_overlays=config.eval.num_overlays if i == 0 else 0,
+                               overlay_dir=workdir / "overlays" / f"step_{at_step:07d}")
+            results.update({f"{split}/{k}": float(v) for k, v in r.items()})
+        writer.write_scalars(at_step, results)
+        _redraw_curves(workdir)
+        return results
+
+    with _Preemption() as preemption:
+        try:
+            while step < end:
+                host_batch = next(data_iter)
+                batch = pipeline.to_global({k: host_batch[k] for k in keys}, mesh)
+                state, metrics = train_step(state, batch)
+                step += 1
+                if pending is not None and config.train.stop_on_nonfinite:
+                    _check_finite(*pending)
+                pending = (step, metrics, (host_batch["ref_id"], host_batch["sent_id"]))
+                history.append(metrics)
+                if step == start + 1:
+                    # Throughput excludes the first step's compilation.
+                    jax.block_until_ready(metrics)
+                    timer = (time.perf_counter(), step)
+                    log.info("first step (compilation included) took %.1f s",
+                             time.time() - start_time)
+                if step % log_every == 0 or step == end:
+                    if config.train.stop_on_nonfinite:
+                        _check_finite(*pending)
+                    last_metrics = _mean_metrics(history)
+                    history = []
+                    now = time.perf_counter()
+                    if step > timer[1]:
+                        rate = (step - timer[1]) * config.train.global_batch_size / (now - timer[0])
+                        last_metrics["train/images_per_s"] = rate
+                    timer = (now, step)
+                    last_metrics["train/lr"] = float(_lr(opt_cfg, step))
+                    writer.write_scalars(step, last_metrics)
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{last_metrics['train/loss']:.4f}",
+                                        img_s=f"{last_metrics.get('train/images_per_s', 0):.1f}",
+                                        refresh=False)
+                if bar is not None:
+                    bar.update(1)
+                evaluated = (config.eval.every_steps > 0 and step % config.eval.every_steps == 0) \
+                    or (step == total_steps and config.eval.at_end)
+                if evaluated:
+                    if pending is not None and config.train.stop_on_nonfinite:
+                        _check_finite(*pending)
+                    eval_metrics = run_eval(step)
+                    _report(bar, step, eval_metrics)
+                interrupted = preemption.agreed() if (jax.process_count() == 1 or
+                                                      step % log_every == 0) else False
+                timed_out = limit_s > 0 and time.time() - start_time > limit_s
+                if evaluated or interrupted or timed_out or step == end or (
+                        config.checkpoint.every_steps > 0
+                        and step % config.checkpoint.every_steps == 0):
+                    if pending is not None and config.train.stop_on_nonfinite:
+                        _check_finite(*pending)
+                    ckpt.save(step, state, data_iter, config,
+                              metrics=eval_metrics if evaluated else None)
+                if interrupted or timed_out:
+                    stopped = "preempted" if interrupted else "time_limit"
+                    log.warning("stopping at step %d (%s); checkpoint saved", step, stopped)
+                    break
+        finally:
+            if bar is not None:
+                bar.close()
+            ckpt.close()
+            writer.close()
+            if hasattr(data_iter, "close"):
+                data_iter.close()
+    if stopped == "done" and step < total_steps:
+        stopped = "paused"               # stop_after_steps
+    if stopped == "done":
+        export_params(workdir, model_params(state.params), model_cfg)
+    return RunResult(step=step, stopped=stopped, last_metrics=last_metrics,
+                     eval_metrics=eval_metrics, seconds=time.time() - start_time)
+
+
+def export_params(workdir: Path, params, model_cfg) -> None:
+    """WORKDIR/params: the trained model in the converted-weights format (predict, evaluate)."""
+    from magnet_jax.checkpoint_io import save_params
+
+    inference_cfg = model_cfg.copy_and_resolve_references()
+    inference_cfg.dtype = "float32"
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        params = multihost_utils.process_allgather(params, tiled=True)
+    save_params(str(workdir / PARAMS_DIR), params, inference_cfg,
+                extra={"trained_in": str(workdir)}, overwrite=True)
+
+
+def _lr(opt_cfg, step: int) -> float:
+    from magnet_jax.training.optimizer import make_schedule
+    return make_schedule(opt_cfg)(step)
+
+
+def _progress(config, start: int, total: int):
+    if not config.train.progress_bar or jax.process_index() != 0:
+        return None
+    from tqdm.auto import tqdm
+    return tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True,
+                mininterval=1.0)
+
+
+def _report(bar, step: int, metrics: dict[str, float]) -> None:
+    shown = {k: v for k, v in metrics.items()
+             if k.endswith(("/oIoU", "/mIoU", "/prec@0.5"))}
+    text = f"step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in shown.items())
+    if bar is not None:
+        bar.write(text)
+    elif jax.process_index() == 0:
+        log.info(text)
+
+
+def _redraw_curves(workdir: Path) -> None:
+    if jax.process_index() != 0:
+        return
+    from magnet_jax.visualize import plot_curves
+    from magnet_jax.writers import METRICS_FILE
+    try:
+        plot_curves(workdir / METRICS_FILE, workdir / "curves.png")
+    except OSError as e:  # a picture must never stop training
+        log.warning("could not draw curves.png: %s", e)
