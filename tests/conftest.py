@@ -2,6 +2,7 @@
 
 - 8 simulated CPU devices (`jax_stack.md` §5) and the CPU backend (JAX_PLATFORMS may be set by
   the caller, e.g. `JAX_PLATFORMS=cuda python -m pytest -m gpu`).
+- A per-session persistent compilation cache (JAX_COMPILATION_CACHE_DIR) for repeated compiles.
 - No network: HF_HUB_OFFLINE=1 makes an accidental hub lookup fail fast.
 - absl flags marked as parsed (grain reads absl flags; entry points parse them in app.run).
 - float32 matmuls at 'highest' precision, for deterministic comparisons with references.
@@ -25,6 +26,12 @@ if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "
         os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
     ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# A compilation cache for this session: the training-loop tests compile the same train step
+# in several runs (resume = a new run), so later runs load it instead of compiling again.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="magnet_jax_xla_cache_")
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

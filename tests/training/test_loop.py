@@ -19,8 +19,8 @@ import pytest
 
 from configs import magnet as magnet_configs
 from magnet_jax.data import pipeline
-from magnet_jax.models.presets import tiny_model_config
 from magnet_jax.training import checkpointing, loop
+from tests.training.models import micro_model_config
 
 FAST = {"xla_backend_optimization_level": 0}
 REPO = Path(__file__).resolve().parents[2]
@@ -28,8 +28,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def tiny_config(**overrides):
     config = magnet_configs.get_config("tiny")
-    config.model = tiny_model_config(32)
-    config.model.training_heads = True
+    config.model = micro_model_config()
     config.data.synthetic.update(dict(num_train=24, num_val=6, num_heldout=0, image_size=32))
     config.data.eval_splits = ("val",)
     config.train.update(dict(global_batch_size=8, num_steps=4, log_every_steps=1,
@@ -118,7 +117,7 @@ def test_non_finite_loss_stops_with_step_and_batch_ids(shared_data, tmp_path, mo
 
     poisoned.calls = 0
     monkeypatch.setattr(pipeline, "to_global", poisoned)
-    config = tiny_config(**{"data.dir": shared_data, "cal.weight": 0.0})
+    config = tiny_config(**{"data.dir": shared_data})
     with pytest.raises(loop.NonFiniteLossError, match=r"at step 3; batch ref_id/sent_id"):
         loop.train(config, tmp_path, compiler_options=FAST)
     # Step 2 was saved before the bad step; nothing at or after step 3 was.
@@ -188,8 +187,7 @@ def test_sigterm_saves_and_stops_at_the_step_boundary(shared_data, tmp_path, mon
 
     preempted.calls = 0
     monkeypatch.setattr(pipeline, "to_global", preempted)
-    config = tiny_config(**{"data.dir": shared_data, "cal.weight": 0.0,
-                            "checkpoint.every_steps": 0})
+    config = tiny_config(**{"data.dir": shared_data, "checkpoint.every_steps": 0})
     before = signal.getsignal(signal.SIGTERM)
     result = loop.train(config, tmp_path, compiler_options=FAST)
     assert (result.stopped, result.step) == ("preempted", 2)
