@@ -121,6 +121,7 @@ def _deterministic_model():
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_gradient_accumulation_equals_the_whole_batch():
     """Two microbatches scanned inside the step give the whole batch's update (no dropout,
     every weight 1: the mean of the microbatch means is the batch mean)."""
@@ -205,6 +206,7 @@ def test_two_process_run_gives_the_single_device_losses(single_device_run):
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_bf16_compute_keeps_float32_master_weights(single_device_run):
     """bf16 activations: the parameters stay float32, the loss is float32 and close to the
     float32 model's on the same weights, batch and objectives (single_device_run)."""
