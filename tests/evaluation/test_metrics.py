@@ -2,12 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +9,7 @@ import numpy as np
 import pytest
 
 from magnet_jax.evaluation.metrics import MetricAccumulator, intersection_union, iou
+from tests.multiprocess import run_two_processes
 
 
 def _masks():
@@ -150,20 +145,7 @@ print("RESULT " + json.dumps(acc.all_processes().result()), flush=True)
 
 @pytest.mark.multiprocess
 def test_two_process_reduction_equals_single_host(tmp_path):
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        port = s.getsockname()[1]
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
-    env.update(JAX_PLATFORMS="cpu",
-               PYTHONPATH=str(Path(__file__).resolve().parents[2]) + os.pathsep
-               + env.get("PYTHONPATH", ""))
-    procs = [subprocess.Popen([sys.executable, "-c", _TWO_PROCESS_SCRIPT, f"localhost:{port}",
-                               str(i)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True) for i in range(2)]
-    outs = [p.communicate(timeout=120)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), outs
-    results = [json.loads(next(l for l in o.splitlines() if l.startswith("RESULT "))[7:])
-               for o in outs]
+    results = run_two_processes(_TWO_PROCESS_SCRIPT, "RESULT", timeout=120)
     single = MetricAccumulator()
     single.update([4, 0, 0, 9, 10**9], [6, 4, 0, 9, 3 * 10**9])
     assert results[0] == results[1]

@@ -179,27 +179,9 @@ print("LOSSES " + json.dumps(losses), flush=True)
 @pytest.mark.slow
 @pytest.mark.multiprocess
 def test_two_process_run_gives_the_single_device_losses(single_device_run):
-    import os
-    import socket
-    import subprocess
-    import sys
-    from pathlib import Path
+    from tests.multiprocess import run_two_processes
 
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        port = s.getsockname()[1]
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
-    env.update(JAX_PLATFORMS="cpu",
-               PYTHONPATH=str(Path(__file__).resolve().parents[2]) + os.pathsep
-               + env.get("PYTHONPATH", ""))
-    procs = [subprocess.Popen([sys.executable, "-c", _TWO_PROCESS_STEP, f"localhost:{port}",
-                               str(i)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True) for i in range(2)]
-    outs = [p.communicate(timeout=600)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), [o[-2000:] for o in outs]
-    import json
-    losses = [json.loads(next(l for l in o.splitlines() if l.startswith("LOSSES "))[7:])
-              for o in outs]
+    losses = run_two_processes(_TWO_PROCESS_STEP, "LOSSES", timeout=600)
     _, _, ref_losses = single_device_run
     assert losses[0] == losses[1]
     np.testing.assert_allclose(losses[0], ref_losses, rtol=1e-5)
