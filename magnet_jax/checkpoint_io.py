@@ -12,6 +12,7 @@ concern (`magnet_jax/checkpointing.py`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -50,13 +51,35 @@ def _config_to_dict(cfg: Any) -> dict[str, Any]:
     return json.loads(json.dumps(dict(cfg)))  # fails early on anything not JSON-serialisable
 
 
-def _tuples(x: Any) -> Any:
+def tuples_from_json(x: Any) -> Any:
     """JSON lists back to tuples (model configs use tuples, hashable for Linen fields)."""
     if isinstance(x, dict):
-        return {k: _tuples(v) for k, v in x.items()}
+        return {k: tuples_from_json(v) for k, v in x.items()}
     if isinstance(x, list):
-        return tuple(_tuples(v) for v in x)
+        return tuple(tuples_from_json(v) for v in x)
     return x
+
+
+@contextlib.contextmanager
+def atomic_directory(directory: str):
+    """Yield a temporary sibling of `directory` to fill; when the block succeeds it takes the
+    place of `directory` by rename (an old one is moved aside first), so a killed writer
+    never leaves a directory that looks complete."""
+    tmp = f"{directory}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        yield tmp
+        if os.path.exists(directory):
+            old = f"{directory}.old-{os.getpid()}"
+            os.rename(directory, old)
+            os.rename(tmp, directory)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.makedirs(os.path.dirname(directory) or ".", exist_ok=True)
+            os.rename(tmp, directory)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def save_params(directory: str, params: Mapping[str, Any], model_config: Any,
@@ -77,10 +100,7 @@ def save_params(directory: str, params: Mapping[str, Any], model_config: Any,
     record = {"format": FORMAT, "model": _config_to_dict(model_config), "source": dict(extra or {})}
     json.dumps(record)  # validate before writing anything
 
-    tmp = f"{directory}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    try:
+    with atomic_directory(directory) as tmp:
         ckptr = ocp.StandardCheckpointer()
         ckptr.save(os.path.join(tmp, PARAMS), tree)
         ckptr.wait_until_finished()
@@ -89,16 +109,6 @@ def save_params(directory: str, params: Mapping[str, Any], model_config: Any,
             json.dump(record, f, indent=2, sort_keys=True)
         with open(os.path.join(tmp, COMPLETE), "w") as f:
             json.dump({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "num_params": count_params(tree)}, f)
-        if os.path.exists(directory):
-            old = f"{directory}.old-{os.getpid()}"
-            os.rename(directory, old)
-            os.rename(tmp, directory)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.makedirs(os.path.dirname(directory) or ".", exist_ok=True)
-            os.rename(tmp, directory)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return directory
 
 
@@ -131,7 +141,7 @@ def read_config(directory: str, expect_model: str | None = "magnet"):
     name = record["model"].get("name")
     if expect_model is not None and name != expect_model:
         raise CheckpointError(f"{directory} holds weights of model {name!r}, expected {expect_model!r}")
-    return ml_collections.ConfigDict(_tuples(record["model"])), record
+    return ml_collections.ConfigDict(tuples_from_json(record["model"])), record
 
 
 def _stored_tree(ckptr, path: str):

@@ -1,25 +1,36 @@
 """Predict referring masks: the `Predictor` API and `python -m magnet_jax.predict`.
 
     python -m magnet_jax.predict --checkpoint DIR --image IMG --text "the man on the left" \
-        --out mask.png [--overlay overlay.png] [--save-logits logits.npy] \
-        [--tokenizer VOCAB_OR_DIR] [--image-size N]
+        --out mask.png [--overlay overlay.png] [--save-logits logits.npy]
+    python -m magnet_jax.predict --checkpoint DIR --image FOLDER --text "..." [--text "..."] \
+        --out-dir OUT
+    python -m magnet_jax.predict --checkpoint DIR --list pairs.tsv --out-dir OUT
     python -m magnet_jax.predict --demo --out mask.png --overlay overlay.png
 
+--checkpoint is any directory `magnet_jax.restore` reads: converted official weights, a
+training workdir (its latest checkpoint, or --step) or WORKDIR/params. A list file holds one
+`image<TAB>sentence` per line (relative paths from the list's folder; # starts a comment).
+With --out-dir every (image, sentence) gets OUT/<image stem>-<k>.png (mask) and
+-<k>-overlay.png, and OUT/predictions.jsonl lists them with their scores.
+
 Preprocessing is the official evaluation's (RGB, PIL bilinear resize to the square input,
-ImageNet mean/std); the mask logits are upsampled with bilinear align_corners=True and
-thresholded as sigmoid > 0.5. `--save-logits` stores the float32 pre-sigmoid logits at
-input resolution, the array the official evaluation thresholds; mask.png has the
-original image size (the same logits upsampled from the decoder's stride-4 map).
+ImageNet mean/std). The mask logits at input resolution (what --save-logits stores and the
+official evaluation thresholds) are the stride-4 logits upsampled with bilinear
+align_corners=True; the mask at the original image size is the same stride-4 logits upsampled
+to (H, W) (evaluation protocol "original"), foreground where sigmoid > 0.5.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import os
 import sys
 import time
+from pathlib import Path
+from typing import Sequence
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -27,15 +38,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from magnet_jax import checkpoint_io
 from magnet_jax.data import images as image_io
 from magnet_jax.data.tokenizer import load_tokenizer
-from magnet_jax.models import binary_mask, build_model, mask_logits_at, random_params
+from magnet_jax.evaluation.protocols import resize_logits
+from magnet_jax.models import build_model, mask_logits_at, random_params
 from magnet_jax.models.presets import tiny_model_config
 
 log = logging.getLogger("magnet_jax.predict")
 
 DEMO_TEXT = "the red circle on the left"
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
 
 @dataclasses.dataclass
@@ -46,43 +58,104 @@ class Prediction:
     score: float            # mean foreground probability inside the mask (0 when empty)
 
 
-class Predictor:
-    """Load a model once, predict many (image, sentence) pairs; compiled once per shape."""
+def bucket_size(n: int, max_batch: int) -> int:
+    """The compiled batch size that holds n rows: the next power of two, at most max_batch."""
+    size = 1
+    while size < n and size < max_batch:
+        size *= 2
+    return min(size, max_batch)
 
-    def __init__(self, model_config, params, tokenizer=None, image_size: int | None = None):
+
+class Predictor:
+    """Load a model once, predict many (image, sentence) pairs.
+
+    Pairs are run in batches of at most `max_batch`, padded to a power of two, so the model is
+    compiled once per bucket (1, 2, 4, ..., max_batch), whatever the number of pairs.
+    """
+
+    def __init__(self, model_config, params, tokenizer=None, image_size: int | None = None,
+                 max_batch: int = 8):
         self.config = model_config
         self.image_size = int(image_size or model_config.image_size)
         if self.image_size % 32:
             raise ValueError(f"image size must be a multiple of 32, got {self.image_size}")
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        self.max_batch = int(max_batch)
         self.model = build_model(model_config)
         self.params = params
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(None)
-        self._forward = jax.jit(self._logits, static_argnames=("out_size",))
+        self._forward = jax.jit(self._logits)
+        self.compiled_batches: set[int] = set()
 
     @classmethod
     def from_checkpoint(cls, directory: str, tokenizer: str | None = None,
-                        image_size: int | None = None) -> "Predictor":
-        model_config, params = checkpoint_io.load_params(directory)
-        return cls(model_config, params, load_tokenizer(tokenizer), image_size)
+                        image_size: int | None = None, step: int | str | None = None,
+                        max_batch: int = 8) -> "Predictor":
+        """Any checkpoint directory `magnet_jax.restore.load_model` reads, on one device."""
+        from magnet_jax import restore, sharding
+        mesh = sharding.make_mesh(1, 1, devices=jax.devices()[:1])
+        loaded = restore.load_model(directory, mesh, step=step)
+        return cls(loaded.config, loaded.params, load_tokenizer(tokenizer), image_size, max_batch)
 
-    def _logits(self, params, image, ids, att, out_size):
+    def _logits(self, params, image, ids, att):
         outputs = self.model.apply({"params": params}, image, ids, att, train=False)
         size = (self.image_size, self.image_size)
-        return mask_logits_at(outputs, size), mask_logits_at(outputs, out_size)
+        return mask_logits_at(outputs, size), outputs["pred_masks"][:, 0].astype(jnp.float32)
 
-    def predict(self, image, text: str) -> Prediction:
-        """image: a path or a PIL image; text: the referring expression."""
-        pil = image_io.load_image_rgb(image) if isinstance(image, (str, os.PathLike)) else image
-        tokens = self.tokenizer.encode(text)
-        pixels = image_io.preprocess_image(pil, self.image_size)[None]
-        out_size = (pil.height, pil.width)
-        logits_in, logits_orig = self._forward(
-            self.params, jnp.asarray(pixels), jnp.asarray(tokens.ids[None]),
-            jnp.asarray(tokens.attention_mask[None]), out_size=out_size)
-        mask = np.asarray(binary_mask(logits_orig))[0]
-        probs = np.asarray(jax.nn.sigmoid(logits_orig))[0]
-        score = float(probs[mask].mean()) if mask.any() else 0.0
-        return Prediction(logits=np.asarray(logits_in[0], np.float32), mask=mask, score=score)
+    def _run(self, pixels: np.ndarray, ids: np.ndarray, att: np.ndarray):
+        """(N, S, S) input-size logits and (N, h, w) stride-4 logits, in bucketed batches."""
+        out_in, out_coarse = [], []
+        for start in range(0, len(pixels), self.max_batch):
+            stop = min(start + self.max_batch, len(pixels))
+            size = bucket_size(stop - start, self.max_batch)
+            pad = size - (stop - start)
+
+            def padded(x):
+                x = x[start:stop]
+                return np.concatenate([x, np.repeat(x[-1:], pad, axis=0)]) if pad else x
+
+            logits, coarse = self._forward(self.params, jnp.asarray(padded(pixels)),
+                                           jnp.asarray(padded(ids)), jnp.asarray(padded(att)))
+            self.compiled_batches.add(size)
+            out_in.append(np.asarray(logits)[:stop - start])
+            out_coarse.append(np.asarray(coarse)[:stop - start])
+        return np.concatenate(out_in), np.concatenate(out_coarse)
+
+    def predict_batch(self, items: Sequence[tuple]) -> list[list[Prediction]]:
+        """items: (image, sentence or list of sentences) pairs; image = a path or a PIL image.
+        Returns, per item, one Prediction per sentence."""
+        pils, pixels, rows, texts = [], [], [], []
+        for k, (image, sentences) in enumerate(items):
+            pil = image_io.load_image_rgb(image) if isinstance(image, (str, os.PathLike)) else image
+            pils.append(pil)
+            pixels.append(image_io.preprocess_image(pil, self.image_size))
+            sentences = [sentences] if isinstance(sentences, str) else list(sentences)
+            if not sentences:
+                raise ValueError(f"item {k} has no sentence")
+            rows.extend((k, j) for j in range(len(sentences)))
+            texts.extend(sentences)
+        if not rows:
+            return []
+        tokens = self.tokenizer.batch_encode(texts)
+        image_of_row = np.asarray([k for k, _ in rows])
+        logits_in, coarse = self._run(np.stack(pixels)[image_of_row], tokens.ids,
+                                      tokens.attention_mask)
+        out: list[list[Prediction]] = [[] for _ in pils]
+        for r, (k, _) in enumerate(rows):
+            pil = pils[k]
+            full = resize_logits(coarse[r], (pil.height, pil.width))
+            mask = full > 0
+            probs = 1.0 / (1.0 + np.exp(-full[mask].astype(np.float64)))
+            score = float(probs.mean()) if mask.any() else 0.0
+            out[k].append(Prediction(logits=logits_in[r].astype(np.float32), mask=mask,
+                                     score=score))
+        return out
+
+    def predict(self, image, text: str | Sequence[str]):
+        """One image and one sentence -> Prediction; a list of sentences -> list of them."""
+        result = self.predict_batch([(image, text)])[0]
+        return result[0] if isinstance(text, str) else result
 
 
 def demo_predictor(image_size: int = 128, seed: int = 0) -> Predictor:
@@ -94,22 +167,101 @@ def demo_predictor(image_size: int = 128, seed: int = 0) -> Predictor:
 
 def _parse(argv):
     p = argparse.ArgumentParser(prog="python -m magnet_jax.predict", description=__doc__.split("\n")[0])
-    p.add_argument("--checkpoint", help="converted or trained checkpoint directory")
+    p.add_argument("--checkpoint", help="converted weights, a training workdir or WORKDIR/params")
+    p.add_argument("--step", help="training workdirs: latest (default), best or a step number")
     p.add_argument("--demo", action="store_true",
                    help="use a small untrained model and the bundled sample image")
-    p.add_argument("--image", help="input image (any PIL-readable format)")
-    p.add_argument("--text", help="referring expression")
-    p.add_argument("--out", required=True, help="binary mask PNG at the original image size")
-    p.add_argument("--overlay", help="optional overlay PNG")
-    p.add_argument("--save-logits", help="optional .npy of float32 logits at input resolution")
+    p.add_argument("--image", help="an image file, or a folder of images")
+    p.add_argument("--text", action="append",
+                   help="referring expression (repeat for several per image)")
+    p.add_argument("--list", help="file of `image<TAB>sentence` lines")
+    p.add_argument("--out", help="single image and sentence: the mask PNG (original size)")
+    p.add_argument("--overlay", help="single image and sentence: an overlay PNG")
+    p.add_argument("--save-logits", help="single image and sentence: .npy of float32 logits "
+                   "at input resolution")
+    p.add_argument("--out-dir", help="folder / list / several sentences: masks, overlays and "
+                   "predictions.jsonl")
+    p.add_argument("--batch-size", type=int, default=8, help="largest compiled batch (default 8)")
     p.add_argument("--tokenizer", help="vocab.txt or tokenizer directory (default: bundled)")
     p.add_argument("--image-size", type=int, help="square input size (default: checkpoint's)")
     args = p.parse_args(argv)
     if args.demo == bool(args.checkpoint):
         p.error("give exactly one of --checkpoint DIR or --demo")
-    if not args.demo and not (args.image and args.text is not None):
-        p.error("--image and --text are required with --checkpoint")
+    if args.list and (args.image or args.text):
+        p.error("--list replaces --image and --text")
+    if not args.demo and not args.list and not (args.image and args.text):
+        p.error("--image and --text (or --list) are required with --checkpoint")
+    single = not args.list and not (args.image and Path(args.image).is_dir()) and \
+        len(args.text or [None]) == 1
+    if single and not args.out:
+        p.error("--out is required for one image and one sentence (or use --out-dir)")
+    if not single and not args.out_dir:
+        p.error("--out-dir is required for a folder, a list or several sentences")
+    if not single and (args.out or args.overlay or args.save_logits):
+        p.error("--out/--overlay/--save-logits are for one image and one sentence; use --out-dir")
+    args.single = single
     return args
+
+
+def read_list(path: str) -> list[tuple[Path, str]]:
+    """`image<TAB>sentence` lines -> pairs; relative image paths from the list's folder."""
+    base = Path(path).absolute().parent
+    pairs = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            line = line.rstrip("\n")
+            if not line.strip() or line.lstrip().startswith("#"):
+                continue
+            if "\t" not in line:
+                raise ValueError(f"{path}:{n}: expected `image<TAB>sentence`, got {line[:60]!r}")
+            image, text = line.split("\t", 1)
+            pairs.append((base / image if not Path(image).is_absolute() else Path(image), text))
+    if not pairs:
+        raise ValueError(f"{path} lists no (image, sentence) pair")
+    return pairs
+
+
+def _pairs(args) -> list[tuple[Path, list[str]]]:
+    """(image, sentences) of a folder, a list file or one image, grouped by image."""
+    if args.list:
+        grouped: dict[Path, list[str]] = {}
+        for image, text in read_list(args.list):
+            grouped.setdefault(image, []).append(text)
+        return list(grouped.items())
+    image = Path(args.image)
+    if image.is_dir():
+        files = sorted(f for f in image.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise ValueError(f"{image} holds no image ({', '.join(IMAGE_SUFFIXES)})")
+        return [(f, list(args.text)) for f in files]
+    return [(image, list(args.text))]
+
+
+def _predict_many(predictor: Predictor, pairs, out_dir: Path) -> int:
+    """Masks, overlays and predictions.jsonl for every (image, sentence); returns the count."""
+    from tqdm import tqdm
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    records = []
+    chunk = max(1, predictor.max_batch)
+    with tqdm(total=sum(len(t) for _, t in pairs), unit="expr", desc="predict",
+              disable=len(pairs) < 2) as bar:
+        for start in range(0, len(pairs), chunk):
+            group = pairs[start:start + chunk]
+            pils = [(image_io.load_image_rgb(path), texts) for path, texts in group]
+            for (path, texts), (pil, _), preds in zip(group, pils, predictor.predict_batch(pils)):
+                for k, (text, pred) in enumerate(zip(texts, preds)):
+                    stem = f"{Path(path).stem}-{k}"
+                    image_io.save_mask_png(pred.mask, out_dir / f"{stem}.png")
+                    image_io.overlay_mask(pil, pred.mask).save(out_dir / f"{stem}-overlay.png")
+                    records.append({"image": str(path), "sentence": text, "mask": f"{stem}.png",
+                                    "overlay": f"{stem}-overlay.png", "score": round(pred.score, 6),
+                                    "foreground_pixels": int(pred.mask.sum())})
+                    bar.update(1)
+    tmp = out_dir / ".predictions.jsonl.tmp"
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+    os.replace(tmp, out_dir / "predictions.jsonl")
+    return len(records)
 
 
 def main(argv=None) -> int:
@@ -120,21 +272,29 @@ def main(argv=None) -> int:
         log.addHandler(handler)
     log.setLevel(logging.INFO)
     log.propagate = False
+    logging.getLogger("absl").setLevel(logging.ERROR)   # orbax's read-only manager notices
     args = _parse(argv)
+    from magnet_jax.restore import RestoreError
     try:
         start = time.time()
         if args.demo:
             from magnet_jax.assets import SAMPLE_IMAGE
-            image_path, text = args.image or SAMPLE_IMAGE, args.text or DEMO_TEXT
+            args.image = args.image or SAMPLE_IMAGE
+            args.text = args.text or [DEMO_TEXT]
             predictor = demo_predictor(args.image_size or 128)
             log.info("demo: small untrained model (random weights); the mask shows the pipeline, "
                      "not a trained prediction")
         else:
-            image_path, text = args.image, args.text
-            predictor = Predictor.from_checkpoint(args.checkpoint, args.tokenizer, args.image_size)
+            predictor = Predictor.from_checkpoint(args.checkpoint, args.tokenizer, args.image_size,
+                                                  step=args.step, max_batch=args.batch_size)
+        if not args.single:
+            n = _predict_many(predictor, _pairs(args), Path(args.out_dir))
+            log.info("%d predictions in %s (%.1fs)", n, args.out_dir, time.time() - start)
+            return 0
+        image_path, text = args.image, args.text[0]
         pil = image_io.load_image_rgb(image_path)
         result = predictor.predict(pil, text)
-    except (ValueError, FileNotFoundError, OSError) as err:
+    except (ValueError, FileNotFoundError, OSError, RestoreError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     image_io.save_mask_png(result.mask, args.out)

@@ -111,8 +111,11 @@ class TrainCheckpoints:
         if keep_best:
             policies.append(preservation.BestN(get_metric_fn=_best_value(best_metric), n=1,
                                                keep_checkpoints_without_metrics=False))
+        # best_fn also makes orbax write each step's metrics to disk (<step>/metrics), so the
+        # ranking survives a restart and `evaluate --step best` can read it.
         options = ocp.CheckpointManagerOptions(
             preservation_policy=preservation.AnyPreservationPolicy(policies),
+            best_fn=_best_value(best_metric) if keep_best else None,
             enable_async_checkpointing=async_save, create=True, cleanup_tmp_directories=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options,
                                              item_names=("state", "data_iter", "config"))
@@ -132,8 +135,8 @@ class TrainCheckpoints:
         args = ocp.args.Composite(state=ocp.args.StandardSave(state),
                                   data_iter=grain.checkpoint.CheckpointSave(data_iter),
                                   config=ocp.args.JsonSave(config_json(config)))
-        return self.manager.save(step, args=args, metrics=dict(metrics) if metrics else None,
-                                 force=True)
+        # {} (ranked last) rather than None: orbax warns on every save without metrics.
+        return self.manager.save(step, args=args, metrics=dict(metrics or {}), force=True)
 
     def restore(self, step: int, abstract_state: Any, data_iter: Any | None = None) -> Any:
         """The state of `step` placed as `abstract_state` says (ShapeDtypeStructs with

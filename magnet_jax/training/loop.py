@@ -38,9 +38,9 @@ from magnet_jax.data.transforms import Augment
 from magnet_jax.models import build_model
 from magnet_jax.models.heads.mask_grounding import MaskGroundingHead
 from magnet_jax.training import checkpointing
-from magnet_jax.training.evaluation import evaluate_split, make_eval_step
+from magnet_jax.evaluation.evaluator import evaluate_split, make_eval_step
 from magnet_jax.training.optimizer import as_optimizer_config, make_optimizer
-from magnet_jax.training.step import (BATCH_KEYS, MG_BATCH_KEYS, MG_KEY, Objectives,
+from magnet_jax.training.step import (BATCH_KEYS, MG_BATCH_KEYS, Objectives,
                                       init_train_state, jit_train_step, make_loss_fn,
                                       make_train_step, model_params)
 from magnet_jax.writers import MetricWriter
@@ -332,7 +332,7 @@ def train(config, workdir: str | os.PathLike, *, allow_config_change: bool = Fal
                                global_batch=config.eval.batch_size, mesh=mesh,
                                convention=config.data.convention,
                                num_overlays=config.eval.num_overlays if i == 0 else 0,
-                               overlay_dir=workdir / "overlays" / f"step_{at_step:07d}")
+                               overlay_dir=workdir / "overlays" / f"step_{at_step:07d}").metrics
             results.update({f"{split}/{k}": float(v) for k, v in r.items()})
         writer.write_scalars(at_step, results)
         _redraw_curves(workdir)

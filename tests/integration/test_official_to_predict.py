@@ -7,6 +7,8 @@ give back exactly the logits of the model it came from.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -123,3 +125,61 @@ def test_convert_rejects_truncated_and_foreign_files(tiny_official, tmp_path, ca
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "MagNet" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "out2").exists()
+
+
+def test_folder_list_and_batches_give_the_single_predictions(tiny_official, tmp_path):
+    """A folder and a list file through --out-dir, and Predictor.predict_batch: each mask and
+    logit equals the one-at-a-time prediction, with one compilation per batch bucket."""
+    import json
+
+    _, _, _, dst = tiny_official
+    folder = tmp_path / "images"
+    folder.mkdir()
+    sample = Image.open(SAMPLE_IMAGE).convert("RGB")
+    sample.save(folder / "a.png")
+    sample.resize((90, 70)).save(folder / "b.jpg", quality=95)
+    texts = [TEXT, "the blue square"]
+
+    predictor = predict.Predictor.from_checkpoint(str(dst), max_batch=4)
+    single = {(name, t): predictor.predict(str(folder / name), t)
+              for name in ("a.png", "b.jpg") for t in texts}
+    batched = predictor.predict_batch([(str(folder / "a.png"), texts),
+                                       (str(folder / "b.jpg"), texts)])
+    for (name, per_image) in zip(("a.png", "b.jpg"), batched):
+        for t, got in zip(texts, per_image):
+            want = single[(name, t)]
+            np.testing.assert_allclose(got.logits, want.logits, rtol=1e-5, atol=1e-5)
+            assert got.mask.shape == want.mask.shape
+            assert (got.mask != want.mask).mean() < 1e-3
+    assert predictor.compiled_batches == {1, 4}
+    assert predictor._forward._cache_size() == 2        # compiled once per bucket
+
+    out = tmp_path / "folder_out"
+    assert predict.main(["--checkpoint", str(dst), "--image", str(folder), "--text", texts[0],
+                         "--text", texts[1], "--out-dir", str(out), "--batch-size", "4"]) == 0
+    rows = [json.loads(l) for l in (out / "predictions.jsonl").read_text().splitlines()]
+    assert [(Path(r["image"]).name, r["sentence"]) for r in rows] == \
+        [(n, t) for n in ("a.png", "b.jpg") for t in texts]
+    for r in rows:
+        mask = np.asarray(Image.open(out / r["mask"])) > 0
+        want = single[(Path(r["image"]).name, r["sentence"])].mask
+        assert mask.shape == want.shape and (mask != want).mean() < 1e-3
+        assert (out / r["overlay"]).is_file()
+
+    listing = tmp_path / "pairs.tsv"
+    listing.write_text(f"# image<TAB>sentence\nimages/b.jpg\t{texts[1]}\nimages/a.png\t{texts[0]}\n")
+    out2 = tmp_path / "list_out"
+    assert predict.main(["--checkpoint", str(dst), "--list", str(listing),
+                         "--out-dir", str(out2)]) == 0
+    rows2 = [json.loads(l) for l in (out2 / "predictions.jsonl").read_text().splitlines()]
+    assert [(Path(r["image"]).name, r["sentence"]) for r in rows2] == \
+        [("b.jpg", texts[1]), ("a.png", texts[0])]
+
+
+def test_bad_list_file_is_one_line(tiny_official, tmp_path, capsys):
+    _, _, _, dst = tiny_official
+    listing = tmp_path / "pairs.tsv"
+    listing.write_text("no tab on this line\n")
+    rc, err = _run_predict(capsys, ["--checkpoint", str(dst), "--list", str(listing),
+                                    "--out-dir", str(tmp_path / "o")])
+    assert rc == 2 and "pairs.tsv:1" in err and len(err.splitlines()) == 1

@@ -8,12 +8,8 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-import jax
 import numpy as np
 import pytest
 

@@ -1,0 +1,177 @@
+"""Evaluate a model on one split: every sentence once, oIoU / mIoU / precision@t.
+
+Used by the training loop (periodic evaluation) and by `python -m magnet_jax.evaluate`.
+The jitted step returns, per example, I and U of protocol "magnet" (protocols.py) and the
+stride-4 mask logits; protocol "original" counts I and U on the host at each image's original
+size. Each process sums its own rows; the sums are then reduced across processes
+(metrics.MetricAccumulator), so several hosts give the numbers of one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from magnet_jax import sharding
+from magnet_jax.data import pipeline, records
+from magnet_jax.evaluation import protocols
+from magnet_jax.evaluation.metrics import MetricAccumulator, intersection_union
+from magnet_jax.models.magnet import MagNet, mask_logits_at
+
+EVAL_KEYS = ("image", "mask", "ids", "att", "weight")
+ROW_FIELDS = ("index", "ref_id", "sent_id", "intersection", "union")
+
+
+def make_eval_step(model: MagNet, params_sharding: Any, mesh) -> Callable:
+    """jit (params, batch) -> (I, U, coarse logits): per-example I and U at the input size and
+    the (B, h, w) stride-4 mask logits, all sharded like the batch."""
+    def eval_step(params, batch):
+        out = model.apply({"params": params}, batch["image"], batch["ids"], batch["att"],
+                          train=False)
+        logits = mask_logits_at(out, batch["mask"].shape[1:])
+        inter, union = intersection_union(logits, batch["mask"])
+        return inter, union, out["pred_masks"][:, 0].astype(jnp.float32)
+
+    rows = sharding.batch_sharding(mesh)
+    return jax.jit(eval_step, in_shardings=(params_sharding, rows), out_shardings=rows)
+
+
+def local_rows(x: jax.Array) -> np.ndarray:
+    """This process's rows of a batch-sharded global array, in the order of its host batch
+    (the inverse of `jax.make_array_from_process_local_data`)."""
+    if x.is_fully_addressable:
+        return np.asarray(x)
+    shards = {}
+    for s in x.addressable_shards:
+        shards.setdefault(s.index[0].start or 0, s.data)
+    return np.concatenate([np.asarray(shards[k]) for k in sorted(shards)])
+
+
+@dataclasses.dataclass
+class SplitResult:
+    metrics: dict[str, float]
+    # ROW_FIELDS over every process in dataset order (collect_rows=True); index = position of
+    # the (ref, sentence) pair in the split's evaluation order.
+    rows: dict[str, np.ndarray] | None
+
+
+class _OriginalMasks:
+    """Ground-truth masks at the original resolution, looked up by ref_id."""
+
+    def __init__(self, data_dir: str, split: str, convention: str):
+        self.source = records.RecordSource(data_dir, split)
+        self.index = {int(r): i for i, r in enumerate(self.source.meta["ref_ids"])}
+        self.convention = convention
+
+    def __call__(self, ref_id: int) -> np.ndarray:
+        rec = self.source[self.index[int(ref_id)]]
+        return records.mask_from_count_png(rec["mask_count_png"], self.convention)
+
+
+def evaluate_split(eval_step: Callable, params: Any, data_dir: str, split: str, *,
+                   image_size: int, global_batch: int, mesh, convention: str = "official",
+                   protocol: str = "magnet", num_overlays: int = 0,
+                   overlay_dir: str | Path | None = None, read_threads: int = 2,
+                   collect_rows: bool = False, progress: bool = False) -> SplitResult:
+    """Metrics of one split; the first `num_overlays` examples saved as PNG overlays."""
+    protocols.check_protocol(protocol)
+    ds = pipeline.eval_dataset(data_dir, split, image_size=image_size,
+                               global_batch=global_batch, convention=convention)
+    originals = _OriginalMasks(data_dir, split, convention) if protocol == "original" else None
+    acc = MetricAccumulator()
+    kept: list[np.ndarray] = []
+    saved = 0
+    pi, pc = jax.process_index(), jax.process_count()
+    per_process = global_batch // pc
+    batches = pipeline.make_iterator(ds, read_threads=read_threads)
+    if progress and jax.process_index() == 0:
+        from tqdm import tqdm
+        batches = tqdm(batches, total=len(ds), desc=f"{split} ({protocol})", unit="batch",
+                       dynamic_ncols=True)
+    for j, host_batch in enumerate(batches):
+        batch = pipeline.to_global({k: host_batch[k] for k in EVAL_KEYS}, mesh)
+        inter, union, coarse = (local_rows(a) for a in eval_step(params, batch))
+        weight = host_batch["weight"]
+        if originals is not None:
+            inter, union = _original_iu(coarse, host_batch["ref_id"], weight, originals)
+        acc.update(inter, union, weight)
+        if collect_rows:
+            # eval_dataset gives process pi the items pi, pi + pc, pi + 2 pc, ...
+            index = pi + pc * (j * per_process + np.arange(len(weight)))
+            kept.append(np.stack([index, host_batch["ref_id"], host_batch["sent_id"], inter,
+                                  union, weight != 0], axis=1).astype(np.int32))
+        if saved < num_overlays and overlay_dir is not None and jax.process_index() == 0:
+            saved += _save_overlays(host_batch, coarse, weight, num_overlays - saved,
+                                    Path(overlay_dir), split)
+    rows = _gather_rows(kept) if collect_rows else None
+    return SplitResult(acc.all_processes().result(), rows)
+
+
+def _original_iu(coarse, ref_ids, weight, originals) -> tuple[np.ndarray, np.ndarray]:
+    inter = np.zeros(len(coarse), np.int64)
+    union = np.zeros(len(coarse), np.int64)
+    for i in np.flatnonzero(weight != 0):
+        gt = originals(ref_ids[i])
+        inter[i], union[i] = protocols.intersection_union_np(
+            protocols.resize_logits(coarse[i], gt.shape), gt)
+    return inter, union
+
+
+def _gather_rows(kept: list[np.ndarray]) -> dict[str, np.ndarray]:
+    """Every process's rows in dataset order, padding dropped, on every process."""
+    table = np.concatenate(kept) if kept else np.zeros((0, len(ROW_FIELDS) + 1), np.int32)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        table = np.asarray(multihost_utils.process_allgather(table, tiled=True))
+    table = table[table[:, -1] != 0]
+    table = table[np.argsort(table[:, 0], kind="stable")]
+    return {name: table[:, k] for k, name in enumerate(ROW_FIELDS)}
+
+
+def _save_overlays(host_batch, coarse, weight, limit: int, out_dir: Path, split: str) -> int:
+    """Overlay PNGs (prediction and ground truth, at the input size) of this host's examples."""
+    from magnet_jax.visualize import overlay_prediction
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = _caption_tokenizer()
+    size = host_batch["mask"].shape[1:]
+    n = 0
+    for i in range(len(coarse)):
+        if n >= limit or weight[i] == 0:
+            continue
+        path = out_dir / f"{split}_{int(host_batch['ref_id'][i])}_{int(host_batch['sent_id'][i])}.png"
+        caption = _sentence(tokenizer, host_batch["ids"][i], host_batch["att"][i])
+        pred = protocols.resize_logits(coarse[i], size) > 0
+        overlay_prediction(host_batch["image"][i], pred, host_batch["mask"][i], path,
+                           caption=caption)
+        n += 1
+    return n
+
+
+def _caption_tokenizer():
+    from magnet_jax.data.tokenizer import load_tokenizer
+    try:
+        return load_tokenizer(None)
+    except Exception:  # noqa: BLE001: a caption is optional
+        return None
+
+
+def _sentence(tokenizer, ids, att) -> str:
+    """The stored token ids back to text (WordPieces joined), for captions."""
+    if tokenizer is None:
+        return ""
+    tokens = tokenizer.convert_ids_to_tokens([int(t) for t, a in zip(ids, att) if a])
+    words: list[str] = []
+    for t in tokens:
+        if t in ("[CLS]", "[SEP]", "[PAD]"):
+            continue
+        if t.startswith("##") and words:
+            words[-1] += t[2:]
+        else:
+            words.append(t)
+    return " ".join(words)

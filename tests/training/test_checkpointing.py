@@ -1,0 +1,28 @@
+"""TrainCheckpoints: the best step survives a restart (orbax keeps the metrics on disk)."""
+
+import grain
+import jax.numpy as jnp
+
+from magnet_jax.training.checkpointing import TrainCheckpoints
+
+
+def _save(ckpt, step, metrics=None):
+    state = {"params": {"w": jnp.full((3,), float(step))}, "step": jnp.asarray(step)}
+    ckpt.save(step, state, iter(grain.MapDataset.range(4).to_iter_dataset()), {"name": "t"},
+              metrics=metrics)
+    ckpt.wait()
+
+
+def test_best_checkpoint_is_kept_after_a_restart(tmp_path):
+    ckpt = TrainCheckpoints(tmp_path, max_to_keep=1, async_save=False)
+    _save(ckpt, 1, {"val/oIoU": 0.5})
+    _save(ckpt, 2, {"val/oIoU": 0.3})
+    _save(ckpt, 3)                      # a preemption save: no evaluation at this step
+    ckpt.close()
+    assert sorted(ckpt.all_steps()) == [1, 3]
+
+    resumed = TrainCheckpoints(tmp_path, max_to_keep=1, async_save=False)
+    assert resumed.best_step() == 1
+    _save(resumed, 4)
+    assert sorted(resumed.all_steps()) == [1, 4]     # the best of the first session survives
+    resumed.close()
