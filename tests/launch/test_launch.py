@@ -215,15 +215,11 @@ def test_tpu_printed_commands_are_the_executed_ones(recorder, describe_status):
 # --------------------------------------------------------------------------------------------
 
 def test_gpu_host_install_and_run():
+    # The expected lines are the docs' example output (DOC_COMMAND_OUTPUT, below).
     assert dry_run("gpu_host.sh", "--install", "--", "train", "--config",
-                   "configs/synthetic.py", "--workdir", "runs/synthetic") == [
-        f"cd {DOC_ROOT}",
-        "python3 -m venv .venv",
-        ".venv/bin/pip install --upgrade pip",
-        ".venv/bin/pip install -r requirements.txt 'jax[cuda12]'",
-        ".venv/bin/python -m magnet_jax.train --config configs/synthetic.py "
-        "--workdir runs/synthetic",
-    ]
+                   "configs/synthetic.py", "--workdir", "runs/synthetic") == DOC_COMMAND_OUTPUT[
+        "launch/gpu_host.sh --install -- train --config configs/synthetic.py "
+        "--workdir runs/synthetic"]
 
 
 def test_gpu_host_evaluate_options():
