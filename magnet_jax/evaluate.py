@@ -104,15 +104,14 @@ def _batch_size(requested: int | None, num_devices: int) -> int:
 
 
 def _sentences(data_dir: str, split: str, rows) -> list[str]:
-    """The raw sentence of every row (for the CSV)."""
-    from magnet_jax.data import records
+    """The raw sentence of every row (for the CSV); rows of one ref are consecutive."""
+    from magnet_jax.evaluation.evaluator import RecordsByRef
 
-    source = records.RecordSource(data_dir, split)
-    index = {int(r): i for i, r in enumerate(source.meta["ref_ids"])}
+    by_ref = RecordsByRef(data_dir, split)
     out, cache = [], {}
     for ref_id, sent_id in zip(rows["ref_id"], rows["sent_id"]):
         if ref_id not in cache:
-            rec = source[index[int(ref_id)]]
+            rec = by_ref(ref_id)
             cache = {ref_id: dict(zip((int(s) for s in rec["sent_ids"]), rec["raw"]))}
         out.append(cache[ref_id].get(int(sent_id), ""))
     return out

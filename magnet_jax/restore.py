@@ -26,7 +26,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 from magnet_jax import checkpoint_io, sharding
-from magnet_jax.models import build_model, dummy_inputs
+from magnet_jax.models import abstract_params, build_model
 
 CHECKPOINTS = "checkpoints"
 RUN_CONFIG = "config.json"
@@ -106,8 +106,7 @@ def _run_config(step_dir: Path) -> dict:
 def abstract_model_params(model, image_size: int, max_tokens: int, mesh) -> Any:
     """ShapeDtypeStructs of the model parameters with this mesh's shardings."""
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
-        boxed = jax.eval_shape(model.init, jax.random.key(0),
-                               *dummy_inputs(image_size, max_tokens))["params"]
+        boxed = abstract_params(model, image_size, max_tokens, boxed=True)
         shardings = sharding.logical_shardings(boxed, mesh)
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                         nn.unbox(boxed), shardings)

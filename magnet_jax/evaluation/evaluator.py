@@ -60,17 +60,15 @@ class SplitResult:
     rows: dict[str, np.ndarray] | None
 
 
-class _OriginalMasks:
-    """Ground-truth masks at the original resolution, looked up by ref_id."""
+class RecordsByRef:
+    """The records of a split looked up by ref_id (meta.json lists them in record order)."""
 
-    def __init__(self, data_dir: str, split: str, convention: str):
+    def __init__(self, data_dir: str, split: str):
         self.source = records.RecordSource(data_dir, split)
         self.index = {int(r): i for i, r in enumerate(self.source.meta["ref_ids"])}
-        self.convention = convention
 
-    def __call__(self, ref_id: int) -> np.ndarray:
-        rec = self.source[self.index[int(ref_id)]]
-        return records.mask_from_count_png(rec["mask_count_png"], self.convention)
+    def __call__(self, ref_id: int) -> dict:
+        return self.source[self.index[int(ref_id)]]
 
 
 def evaluate_split(eval_step: Callable, params: Any, data_dir: str, split: str, *,
@@ -82,7 +80,7 @@ def evaluate_split(eval_step: Callable, params: Any, data_dir: str, split: str, 
     protocols.check_protocol(protocol)
     ds = pipeline.eval_dataset(data_dir, split, image_size=image_size,
                                global_batch=global_batch, convention=convention)
-    originals = _OriginalMasks(data_dir, split, convention) if protocol == "original" else None
+    by_ref = RecordsByRef(data_dir, split) if protocol == "original" else None
     acc = MetricAccumulator()
     kept: list[np.ndarray] = []
     saved = 0
@@ -97,8 +95,8 @@ def evaluate_split(eval_step: Callable, params: Any, data_dir: str, split: str, 
         batch = pipeline.to_global({k: host_batch[k] for k in EVAL_KEYS}, mesh)
         inter, union, coarse = (local_rows(a) for a in eval_step(params, batch))
         weight = host_batch["weight"]
-        if originals is not None:
-            inter, union = _original_iu(coarse, host_batch["ref_id"], weight, originals)
+        if by_ref is not None:
+            inter, union = _original_iu(coarse, host_batch["ref_id"], weight, by_ref, convention)
         acc.update(inter, union, weight)
         if collect_rows:
             # eval_dataset gives process pi the items pi, pi + pc, pi + 2 pc, ...
@@ -112,11 +110,13 @@ def evaluate_split(eval_step: Callable, params: Any, data_dir: str, split: str, 
     return SplitResult(acc.all_processes().result(), rows)
 
 
-def _original_iu(coarse, ref_ids, weight, originals) -> tuple[np.ndarray, np.ndarray]:
+def _original_iu(coarse, ref_ids, weight, by_ref: RecordsByRef,
+                 convention: str) -> tuple[np.ndarray, np.ndarray]:
+    """I and U against each record's mask at its native resolution (protocol original)."""
     inter = np.zeros(len(coarse), np.int64)
     union = np.zeros(len(coarse), np.int64)
     for i in np.flatnonzero(weight != 0):
-        gt = originals(ref_ids[i])
+        gt = records.mask_from_count_png(by_ref(ref_ids[i])["mask_count_png"], convention)
         inter[i], union[i] = protocols.intersection_union_np(
             protocols.resize_logits(coarse[i], gt.shape), gt)
     return inter, union
