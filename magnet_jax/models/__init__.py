@@ -38,7 +38,8 @@ def build_magnet(cfg: ml_collections.ConfigDict) -> MagNet:
                            type_vocab_size=bert.type_vocab_size,
                            layer_norm_eps=bert.layer_norm_eps,
                            hidden_dropout=bert.hidden_dropout,
-                           attention_dropout=bert.attention_dropout, remat=cfg.remat)
+                           attention_dropout=bert.attention_dropout, remat=cfg.remat,
+                           res_gate_init=fusion.get("lang_gate_init", "zeros"))
     pd, dec = cfg.pixel_decoder, cfg.decoder
     pixel_kwargs = dict(conv_dim=pd.conv_dim, ffn_dim=pd.ffn_dim, num_layers=pd.num_layers,
                         num_heads=pd.num_heads, num_points=pd.num_points, remat=cfg.remat)

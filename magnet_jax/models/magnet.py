@@ -17,7 +17,7 @@ from magnet_jax.models import ops
 from magnet_jax.models.bert import BertEmbeddings, BertEncoder, additive_attention_mask
 from magnet_jax.models.fusion import (ImagePWAM, LanguagePWAM, Mixer, PyramidPool,
                                       fuse_image_stage)
-from magnet_jax.models.layers import (TanhGate, dense, stochastic_depth_rates,
+from magnet_jax.models.layers import (TanhGate, dense, normal_002, stochastic_depth_rates,
                                       torch_default_kernel)
 from magnet_jax.models.mask_decoder import MaskedAttentionDecoder
 from magnet_jax.models.msdeform import PixelDecoder
@@ -25,6 +25,7 @@ from magnet_jax.models.swin import PatchEmbed, PatchMerging, SwinBlock
 
 Dtype = Any
 LANG_PWAM_MASKS = ("official", "binary")
+LANG_GATE_INITS = ("zeros", "normal")
 
 
 class ImageStage(nn.Module):
@@ -116,9 +117,15 @@ class LanguageModel(nn.Module):
     attention_dropout: float
     num_fusions: int
     remat: bool = False
+    # "zeros" is the official init; both gate layers at zero get zero gradients, so the
+    # language-side fusion never switches on in training. "normal": N(0, 0.02²) as the image side.
+    res_gate_init: str = "zeros"
     dtype: Dtype = jnp.float32
 
     def setup(self):
+        if self.res_gate_init not in LANG_GATE_INITS:
+            raise ValueError(f"model.fusion.lang_gate_init must be one of {LANG_GATE_INITS}, "
+                             f"got {self.res_gate_init!r}")
         self.embeddings = BertEmbeddings(self.vocab_size, self.hidden_size,
                                          self.max_position_embeddings, self.type_vocab_size,
                                          self.layer_norm_eps, self.hidden_dropout, dtype=self.dtype)
@@ -127,7 +134,8 @@ class LanguageModel(nn.Module):
                                    self.hidden_dropout, self.attention_dropout,
                                    remat=self.remat, dtype=self.dtype)
         self.pwams = [LanguagePWAM(self.hidden_size, dtype=self.dtype) for _ in range(self.num_fusions)]
-        self.res_gates = [TanhGate(self.hidden_size, "relu", kernel_init=nn.initializers.zeros,
+        gate_init = nn.initializers.zeros if self.res_gate_init == "zeros" else normal_002
+        self.res_gates = [TanhGate(self.hidden_size, "relu", kernel_init=gate_init,
                                    dtype=self.dtype) for _ in range(self.num_fusions)]
 
     def embed(self, ids, deterministic: bool):

@@ -33,7 +33,8 @@ def official_model_config(image_size: int = 480) -> ml_collections.ConfigDict:
         max_position_embeddings=512, type_vocab_size=2, layer_norm_eps=1e-12,
         hidden_dropout=0.1, attention_dropout=0.1, stage_ends=(3, 6, 9, 12)))
     m.fusion = ml_collections.ConfigDict(dict(
-        pyramid_pools=(1, 2, 3, 6), lang_pwam_mask="official", dropout=0.0))
+        pyramid_pools=(1, 2, 3, 6), lang_pwam_mask="official", lang_gate_init="zeros",
+        dropout=0.0))
     m.pixel_decoder = ml_collections.ConfigDict(dict(
         conv_dim=256, num_layers=4, ffn_dim=1024, num_heads=8, num_points=4))
     m.decoder = ml_collections.ConfigDict(dict(

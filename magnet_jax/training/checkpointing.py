@@ -34,6 +34,9 @@ RESUMABLE_KEYS = ("train.num_steps", "train.num_epochs", "train.log_every_steps"
                   "train.progress_bar", "train.max_runtime_minutes", "train.stop_on_nonfinite",
                   "eval.", "checkpoint.", "data.num_workers", "data.read_threads",
                   "data.prefetch", "init.")
+# Keys added after runs were stored, with the value that reproduces those runs: a stored
+# config without the key matches a current config holding that value.
+ADDED_KEYS = {"model.fusion.lang_gate_init": "zeros"}
 
 
 class CheckpointConfigError(ValueError):
@@ -67,8 +70,9 @@ def config_differences(stored: Mapping[str, Any], current: Any) -> list[str]:
     for key in sorted(set(old) | set(new)):
         if any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUMABLE_KEYS):
             continue
-        if old.get(key, "<absent>") != new.get(key, "<absent>"):
-            diffs.append(f"{key}: {old.get(key, '<absent>')!r} -> {new.get(key, '<absent>')!r}")
+        before = old.get(key, ADDED_KEYS.get(key, "<absent>"))
+        if before != new.get(key, "<absent>"):
+            diffs.append(f"{key}: {before!r} -> {new.get(key, '<absent>')!r}")
     return diffs
 
 

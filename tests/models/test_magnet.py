@@ -220,6 +220,51 @@ def test_padding_ids_do_not_matter_in_binary_mode(tiny):
     assert mode_diff > 1e-3  # the two mask modes really differ
 
 
+@pytest.mark.parametrize("gate_init", ["zeros", "normal"])
+def test_language_gate_init_decides_whether_language_fusion_trains(gate_init):
+    """§10: the official language res_gates start at exactly zero. Both of their Dense layers
+    are zero, so each one's gradient is multiplied by the other's weights: zero, forever. The
+    language-side fusion then never switches on in training. lang_gate_init='normal' starts
+    them at N(0, 0.02²) like the image-side gates, and they get gradients."""
+    cfg = tiny_model_config(32)
+    cfg.fusion.lang_pwam_mask = "binary"
+    cfg.fusion.lang_gate_init = gate_init
+    model = build_model(cfg)
+    rng = np.random.default_rng(3)
+    image = rng.standard_normal((1, 32, 32, 3)).astype(np.float32)
+    ids = np.zeros((1, N), np.int32)
+    ids[0, :6] = [101, 1996, 2417, 3899, 2006, 102]
+    att = (ids > 0).astype(np.int32)
+    params = nn.unbox(model.init(jax.random.PRNGKey(0), image, ids, att))
+
+    def loss(p):
+        return jnp.mean(jnp.square(model.apply(p, image, ids, att)["pred_masks"]))
+
+    grads = fast_jit(jax.grad(loss))(params)
+    gates = params["params"]["language_model"]
+    gate_grads = grads["params"]["language_model"]
+    names = sorted(k for k in gates if k.startswith("res_gates_"))
+    assert len(names) == len(cfg.swin.depths) - 1  # inference build: the last fusion is unused
+    weight = max(float(np.abs(gates[n][fc]["kernel"]).max()) for n in names for fc in ("fc1", "fc2"))
+    grad = max(float(np.abs(gate_grads[n][fc]["kernel"]).max())
+               for n in names for fc in ("fc1", "fc2"))
+    print(f"[magnet] lang_gate_init={gate_init}: max |gate weight| {weight:.3e}, "
+          f"max |gate grad| {grad:.3e}")
+    if gate_init == "zeros":
+        assert weight == 0.0 and grad == 0.0
+    else:
+        assert 0.01 < weight < 0.2 and grad > 1e-9
+
+
+def test_unknown_language_gate_init_is_refused():
+    cfg = tiny_model_config(32)
+    cfg.fusion.lang_gate_init = "ones"
+    image, ids, att = (np.zeros((1, 32, 32, 3), np.float32), np.zeros((1, N), np.int32),
+                       np.ones((1, N), np.int32))
+    with pytest.raises(ValueError, match="lang_gate_init"):
+        jax.eval_shape(build_model(cfg).init, jax.random.PRNGKey(0), image, ids, att)
+
+
 def test_class_embed_does_not_change_masks(tiny):
     """§7: the class head has no path to the masks (random class_embed weights change only
     pred_logits)."""

@@ -26,3 +26,18 @@ def test_best_checkpoint_is_kept_after_a_restart(tmp_path):
     _save(resumed, 4)
     assert sorted(resumed.all_steps()) == [1, 4]     # the best of the first session survives
     resumed.close()
+
+
+def test_a_key_added_later_matches_its_old_behaviour():
+    """A run stored before model.fusion.lang_gate_init existed resumes under the default
+    ("zeros", what it ran with) and is refused under "normal"."""
+    from configs import magnet
+    from magnet_jax.training.checkpointing import config_differences, config_json
+
+    current = magnet.get_config("tiny")
+    stored = config_json(current)
+    del stored["model"]["fusion"]["lang_gate_init"]
+    assert config_differences(stored, current) == []
+    current.model.fusion.lang_gate_init = "normal"
+    assert config_differences(stored, current) == [
+        "model.fusion.lang_gate_init: 'zeros' -> 'normal'"]
