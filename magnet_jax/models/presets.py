@@ -32,6 +32,8 @@ def official_model_config(image_size: int = 480) -> ml_collections.ConfigDict:
         vocab_size=30522, hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072,
         max_position_embeddings=512, type_vocab_size=2, layer_norm_eps=1e-12,
         hidden_dropout=0.1, attention_dropout=0.1, stage_ends=(3, 6, 9, 12)))
+    # lang_gate_init "zeros" is the official init, under which the language-side gates never
+    # train; "normal" lets them (docs/results.md, "Levers measured").
     m.fusion = ml_collections.ConfigDict(dict(
         pyramid_pools=(1, 2, 3, 6), lang_pwam_mask="official", lang_gate_init="zeros",
         dropout=0.0))
