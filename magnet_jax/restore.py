@@ -27,9 +27,7 @@ import orbax.checkpoint as ocp
 
 from magnet_jax import checkpoint_io, sharding
 from magnet_jax.models import abstract_params, build_model
-
-CHECKPOINTS = "checkpoints"
-RUN_CONFIG = "config.json"
+from magnet_jax.training.checkpointing import CHECKPOINT_DIR, RUN_CONFIG
 
 
 class RestoreError(ValueError):
@@ -189,7 +187,7 @@ def load_model(path: str | os.PathLike, mesh=None, step: int | str | None = None
             raise RestoreError(f"{path} is one step's directory; drop --step or point at "
                                "the workdir")
         return _restore_train_state(path, mesh, dtype)
-    checkpoints = path / CHECKPOINTS if (path / CHECKPOINTS).is_dir() else path
+    checkpoints = path / CHECKPOINT_DIR if (path / CHECKPOINT_DIR).is_dir() else path
     if any(p.name.isdigit() or "tmp" in p.name for p in checkpoints.iterdir()):
         return _restore_train_state(checkpoints / str(_pick_step(checkpoints, step)), mesh, dtype)
     if checkpoints != path:

@@ -9,6 +9,7 @@ import ml_collections
 import numpy as np
 
 from magnet_jax.models.magnet import MagNet, binary_mask, mask_logits_at
+from magnet_jax.models.presets import ADDED_MODEL_KEYS
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -39,7 +40,8 @@ def build_magnet(cfg: ml_collections.ConfigDict) -> MagNet:
                            layer_norm_eps=bert.layer_norm_eps,
                            hidden_dropout=bert.hidden_dropout,
                            attention_dropout=bert.attention_dropout, remat=cfg.remat,
-                           res_gate_init=fusion.get("lang_gate_init", "zeros"))
+                           res_gate_init=fusion.get(
+                               "lang_gate_init", ADDED_MODEL_KEYS["fusion.lang_gate_init"]))
     pd, dec = cfg.pixel_decoder, cfg.decoder
     pixel_kwargs = dict(conv_dim=pd.conv_dim, ffn_dim=pd.ffn_dim, num_layers=pd.num_layers,
                         num_heads=pd.num_heads, num_points=pd.num_points, remat=cfg.remat)

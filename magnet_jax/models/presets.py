@@ -6,6 +6,11 @@ from __future__ import annotations
 
 import ml_collections
 
+# Model keys added after runs and converted weights were stored, with the value that rebuilds
+# those: a stored model config without the key means this value (models.build_magnet, and the
+# resume check of training.checkpointing).
+ADDED_MODEL_KEYS = {"fusion.lang_gate_init": "zeros"}
+
 SWIN_SIZES = {
     # name: (embed_dim, depths, num_heads)
     "tiny": (96, (2, 2, 6, 2), (3, 6, 12, 24)),

@@ -27,6 +27,8 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as preservation
 
+from magnet_jax.models import presets
+
 CHECKPOINT_DIR = "checkpoints"
 RUN_CONFIG = "config.json"
 # Config keys a resumed run may change without becoming another run.
@@ -36,7 +38,7 @@ RESUMABLE_KEYS = ("train.num_steps", "train.num_epochs", "train.log_every_steps"
                   "data.prefetch", "init.")
 # Keys added after runs were stored, with the value that reproduces those runs: a stored
 # config without the key matches a current config holding that value.
-ADDED_KEYS = {"model.fusion.lang_gate_init": "zeros"}
+ADDED_KEYS = {f"model.{key}": value for key, value in presets.ADDED_MODEL_KEYS.items()}
 
 
 class CheckpointConfigError(ValueError):
