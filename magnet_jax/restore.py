@@ -27,7 +27,11 @@ import orbax.checkpoint as ocp
 
 from magnet_jax import checkpoint_io, sharding
 from magnet_jax.models import abstract_params, build_model
-from magnet_jax.training.checkpointing import CHECKPOINT_DIR, RUN_CONFIG
+
+# A training workdir's layout (written by training.checkpointing, which imports these): kept
+# here so that inference reads workdirs without importing the training code and grain.
+CHECKPOINT_DIR = "checkpoints"
+RUN_CONFIG = "config.json"
 
 
 class RestoreError(ValueError):

@@ -28,9 +28,8 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as preservation
 
 from magnet_jax.models import presets
+from magnet_jax.restore import CHECKPOINT_DIR, RUN_CONFIG
 
-CHECKPOINT_DIR = "checkpoints"
-RUN_CONFIG = "config.json"
 # Config keys a resumed run may change without becoming another run.
 RESUMABLE_KEYS = ("train.num_steps", "train.num_epochs", "train.log_every_steps",
                   "train.progress_bar", "train.max_runtime_minutes", "train.stop_on_nonfinite",
