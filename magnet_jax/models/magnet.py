@@ -25,7 +25,7 @@ from magnet_jax.models.swin import PatchEmbed, PatchMerging, SwinBlock
 
 Dtype = Any
 LANG_PWAM_MASKS = ("official", "binary")
-LANG_GATE_INITS = ("zeros", "normal")
+LANG_GATE_INITS = {"zeros": nn.initializers.zeros, "normal": normal_002}
 
 
 class ImageStage(nn.Module):
@@ -124,8 +124,8 @@ class LanguageModel(nn.Module):
 
     def setup(self):
         if self.res_gate_init not in LANG_GATE_INITS:
-            raise ValueError(f"model.fusion.lang_gate_init must be one of {LANG_GATE_INITS}, "
-                             f"got {self.res_gate_init!r}")
+            raise ValueError("model.fusion.lang_gate_init must be one of "
+                             f"{tuple(LANG_GATE_INITS)}, got {self.res_gate_init!r}")
         self.embeddings = BertEmbeddings(self.vocab_size, self.hidden_size,
                                          self.max_position_embeddings, self.type_vocab_size,
                                          self.layer_norm_eps, self.hidden_dropout, dtype=self.dtype)
@@ -134,8 +134,8 @@ class LanguageModel(nn.Module):
                                    self.hidden_dropout, self.attention_dropout,
                                    remat=self.remat, dtype=self.dtype)
         self.pwams = [LanguagePWAM(self.hidden_size, dtype=self.dtype) for _ in range(self.num_fusions)]
-        gate_init = nn.initializers.zeros if self.res_gate_init == "zeros" else normal_002
-        self.res_gates = [TanhGate(self.hidden_size, "relu", kernel_init=gate_init,
+        self.res_gates = [TanhGate(self.hidden_size, "relu",
+                                   kernel_init=LANG_GATE_INITS[self.res_gate_init],
                                    dtype=self.dtype) for _ in range(self.num_fusions)]
 
     def embed(self, ids, deterministic: bool):
