@@ -219,6 +219,8 @@ def _int(text: str, flag: str) -> int:
 
 def main(argv=None) -> int:
     args = _parse(argv)
+    from magnet_jax import compilation_cache
+    compilation_cache.enable()
     if args.distributed:
         import jax
         jax.distributed.initialize()

@@ -195,7 +195,8 @@ def _parse(argv):
 
 def main(argv=None) -> int:
     args = _parse(argv)
-    from magnet_jax import checkpoint_io  # pylint: disable=g-import-not-at-top
+    from magnet_jax import checkpoint_io, compilation_cache  # pylint: disable=g-import-not-at-top
+    compilation_cache.enable()
     start = time.time()
     try:
         model_config, params = checkpoint_io.load_params(args.checkpoint)

@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from magnet_jax import compilation_cache
 from magnet_jax.data import images as image_io
 from magnet_jax.data.tokenizer import load_tokenizer
 from magnet_jax.evaluation.protocols import resize_logits
@@ -75,6 +76,7 @@ class Predictor:
 
     def __init__(self, model_config, params, tokenizer=None, image_size: int | None = None,
                  max_batch: int = 8):
+        compilation_cache.enable()   # cheap and idempotent; keeps a directory already set
         self.config = model_config
         self.image_size = int(image_size or model_config.image_size)
         if self.image_size % 32:
@@ -274,6 +276,7 @@ def main(argv=None) -> int:
     log.propagate = False
     logging.getLogger("absl").setLevel(logging.ERROR)   # orbax's read-only manager notices
     args = _parse(argv)
+    compilation_cache.enable()
     from magnet_jax.restore import RestoreError
     try:
         start = time.time()

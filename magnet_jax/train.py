@@ -92,6 +92,8 @@ def _quiet_logs() -> None:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    from magnet_jax import compilation_cache
+    compilation_cache.enable()
     if FLAGS.distributed:
         import jax
         jax.distributed.initialize()

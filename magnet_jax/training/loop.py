@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from magnet_jax import sharding
+from magnet_jax import compilation_cache, sharding
 from magnet_jax.data import pipeline, records
 from magnet_jax.data.token_masking import MaskTokens
 from magnet_jax.data.transforms import Augment
@@ -278,6 +278,7 @@ def train(config, workdir: str | os.PathLike, *, allow_config_change: bool = Fal
     compiler_options: XLA options of the train step (tests compile at optimisation level 0).
     """
     start_time = time.time()
+    compilation_cache.enable()   # a resumed run loads its compiled steps (no-op if configured)
     workdir = Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
     checkpointing.check_config(workdir, config, allow_config_change)
