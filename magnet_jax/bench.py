@@ -1,6 +1,13 @@
 """Benchmarks: `python -m magnet_jax.bench forward --config configs/magnet.py:ARG --batch-size N`,
-`python -m magnet_jax.bench train --config configs/NAME.py --batch-size N [--config.key=value]`
+`python -m magnet_jax.bench train --config configs/NAME.py --batch-size N [--config.key=value]`,
+`python -m magnet_jax.bench compile --config configs/NAME.py --batch-size N [--parts forward,train]`
 and `python -m magnet_jax.bench data --data DIR [--split train] [--image_size 480]`.
+
+compile: for the inference forward pass and the full train step of a config, on abstract
+inputs (nothing is initialised or run): lowering time, XLA compile time, the size of the
+lowered StableHLO module (operations) and of the optimised HLO (instructions, fusions) and the
+bytes of constants baked into it. One JSON line per part. The persistent compilation cache is
+off for this mode, so each figure is a real compile.
 
 train: the full jitted train step (every objective the config turns on, the optimiser update,
 donated state) on random weights and inputs: compile time, steps/s and images/s over --iters
@@ -37,6 +44,7 @@ _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "converted checkpoint dire
 _BATCH = flags.DEFINE_integer("batch_size", 1, "images per call")
 _ITERS = flags.DEFINE_integer("iters", 5, "timed calls")
 _SEED = flags.DEFINE_integer("seed", 0, "random weights and inputs")
+_PARTS = flags.DEFINE_list("parts", ["forward", "train"], "bench compile: what to compile")
 
 _DATA = flags.DEFINE_string("data", None, "bench data: records directory (e.g. synthetic)")
 _SPLIT = flags.DEFINE_string("split", "train", "bench data: split to read")
@@ -49,7 +57,8 @@ _DATA_WARMUP = flags.DEFINE_integer("data_warmup", 3, "bench data: untimed batch
 for _name in ("batch_size", "image_size", "global_batch", "data_batches", "data_warmup"):
     flags.DEFINE_alias(_name.replace("_", "-"), _name)
 
-WHATS = ("forward", "data", "train")
+WHATS = ("forward", "data", "train", "compile")
+COMPILE_PARTS = ("forward", "train")
 # Dense bf16 peak FLOP/s per chip, for model FLOPs utilisation (vendor figures).
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v4": 275e12,
                    "TPU v5 lite": 197e12, "TPU v5p": 459e12, "TPU v6 lite": 918e12}
@@ -137,10 +146,7 @@ def bench_train(config, batch_size: int, iters: int, seed: int) -> dict:
     from magnet_jax.training.step import (BATCH_KEYS, MG_BATCH_KEYS, init_train_state,
                                           jit_train_step, make_loss_fn, make_train_step)
 
-    config = config.copy_and_resolve_references()
-    with config.unlocked():
-        config.train.global_batch_size = batch_size
-        config.eval.batch_size = batch_size
+    config = _with_batch(config, batch_size)
     mesh = loop.make_run_mesh(config)
     model_cfg, model, head = loop.model_from_config(config)
     objectives = loop.objectives_from_config(config)
@@ -184,6 +190,118 @@ def bench_train(config, batch_size: int, iters: int, seed: int) -> dict:
     return result
 
 
+def hlo_size(text: str) -> dict:
+    """Counts of an HLO module's text: instructions, fusion computations, constant bytes."""
+    instructions = fusions = constant_bytes = 0
+    sizes = {"f32": 4, "s32": 4, "u32": 4, "f16": 2, "bf16": 2, "s64": 8, "f64": 8, "u8": 1,
+             "s8": 1, "pred": 1}
+    for line in text.splitlines():
+        line = line.strip()
+        if " = " not in line or line.startswith(("HloModule", "//")):
+            continue
+        instructions += 1
+        head = line.split(" = ", 1)[1]
+        if " fusion(" in head:
+            fusions += 1
+        if " constant(" in head and "{" in head:
+            kind, _, dims = head.partition("[")
+            count = 1
+            for d in dims.partition("]")[0].split(","):
+                count *= int(d) if d.strip().isdigit() else 1
+            constant_bytes += count * sizes.get(kind.split()[-1], 4)
+    return dict(hlo_instructions=instructions, hlo_fusions=fusions,
+                hlo_constant_mb=round(constant_bytes / 2**20, 2))
+
+
+def _timed_compile(jitted, *args) -> dict:
+    start = time.perf_counter()
+    lowered = jitted.lower(*args)
+    lower_s = time.perf_counter() - start
+    stablehlo = lowered.as_text()
+    start = time.perf_counter()
+    compiled = lowered.compile()
+    compile_s = time.perf_counter() - start
+    ops = sum(1 for line in stablehlo.splitlines() if " = " in line)
+    return dict(lower_s=round(lower_s, 2), compile_s=round(compile_s, 2), stablehlo_ops=ops,
+                **hlo_size(compiled.as_text()))
+
+
+def _compile_record(config, part: str, batch_size: int) -> dict:
+    import jax
+    return dict(what="compile", part=part, config=config.name,
+                image_size=int(config.model.image_size), batch_size=batch_size,
+                compute_dtype=config.train.compute_dtype, remat=bool(config.model.remat),
+                devices=len(jax.devices()),
+                device=getattr(jax.devices()[0], "device_kind", jax.devices()[0].platform),
+                cpus=os.cpu_count(), jax=jax.__version__, date=time.strftime("%Y-%m-%d"))
+
+
+def compile_forward(config, batch_size: int) -> dict:
+    """Lower and compile the inference function (logits at input resolution) on shapes only."""
+    import jax
+    import jax.numpy as jnp
+    from magnet_jax.models import abstract_params, build_model, mask_logits_at
+    model_config = config.model
+    model = build_model(model_config)
+    size, n = int(model_config.image_size), int(model_config.max_tokens)
+    params = abstract_params(model, size, n)
+
+    def forward(params, image, ids, att):
+        return mask_logits_at(model.apply({"params": params}, image, ids, att), (size, size))
+
+    args = (params, jax.ShapeDtypeStruct((batch_size, size, size, 3), jnp.float32),
+            jax.ShapeDtypeStruct((batch_size, n), jnp.int32),
+            jax.ShapeDtypeStruct((batch_size, n), jnp.int32))
+    return dict(_compile_record(config, "forward", batch_size), **_timed_compile(jax.jit(forward), *args))
+
+
+def compile_train_step(config, batch_size: int, seed: int = 0) -> dict:
+    """Lower and compile the train step exactly as training jits it, on shapes only."""
+    import jax
+    from magnet_jax import sharding
+    from magnet_jax.training import loop
+    from magnet_jax.training.optimizer import make_optimizer
+    from magnet_jax.training.step import (BATCH_KEYS, MG_BATCH_KEYS, abstract_train_state,
+                                          jit_train_step, make_loss_fn, make_train_step)
+    config = _with_batch(config, batch_size)
+    mesh = loop.make_run_mesh(config)
+    model_cfg, model, head = loop.model_from_config(config)
+    objectives = loop.objectives_from_config(config)
+    opt_cfg = loop.optimizer_config(config, 1000)
+    _, state, shardings, tx = abstract_train_state(
+        model, head, lambda p: make_optimizer(p, opt_cfg), int(model_cfg.image_size), seed,
+        mesh, max_tokens=int(model_cfg.max_tokens))
+    keys = BATCH_KEYS + (MG_BATCH_KEYS if objectives.uses_mg else ())
+    host = train_batch(config, batch_size, seed)
+    batch_sharding = sharding.batch_sharding(mesh)
+    batch = {k: jax.ShapeDtypeStruct(host[k].shape, host[k].dtype, sharding=batch_sharding)
+             for k in keys}
+    step = jit_train_step(make_train_step(make_loss_fn(model, head, objectives), tx, seed,
+                                          config.train.accumulation_steps), shardings, mesh)
+    record = _compile_record(config, "train", batch_size)
+    record.update(mg=objectives.uses_mg, cal=objectives.uses_cal)
+    return dict(record, **_timed_compile(step, state, batch))
+
+
+def _with_batch(config, batch_size: int):
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+        config.train.global_batch_size = batch_size
+        config.eval.batch_size = batch_size
+    return config
+
+
+def bench_compile(config, batch_size: int, parts, seed: int = 0):
+    """Yield one record per part ("forward", "train"), compiling each from scratch."""
+    import jax
+    jax.config.update("jax_enable_compilation_cache", False)
+    for part in parts:
+        if part == "forward":
+            yield compile_forward(config, batch_size)
+        else:
+            yield compile_train_step(config, batch_size, seed)
+
+
 def bench_data(data_dir: str, split: str, image_size: int, global_batch: int, workers: int,
                batches: int, warmup: int, seed: int) -> dict:
     from magnet_jax.data import pipeline
@@ -223,6 +341,16 @@ def main(argv):
             print(json.dumps(bench_data(_DATA.value, _SPLIT.value, _IMAGE_SIZE.value,
                                         _GLOBAL_BATCH.value, int(w), _DATA_BATCHES.value,
                                         _DATA_WARMUP.value, _SEED.value)), flush=True)
+        return 0
+    if argv[1] == "compile":
+        unknown = sorted(set(_PARTS.value) - set(COMPILE_PARTS))
+        if _CONFIG.value is None or unknown:
+            print("error: bench compile needs --config FILE[:ARG] and --parts from "
+                  f"{','.join(COMPILE_PARTS)}" + (f" (unknown: {','.join(unknown)})" if unknown else ""),
+                  file=sys.stderr)
+            return 2
+        for record in bench_compile(_CONFIG.value, _BATCH.value, _PARTS.value, _SEED.value):
+            print(json.dumps(record), flush=True)
         return 0
     if argv[1] == "train":
         if _CONFIG.value is None:

@@ -122,31 +122,28 @@ def segmentation_loss(
     if deep_supervision:
         predictions = list(outputs.get("aux_outputs", ())) + predictions
 
-    terms: dict[str, jax.Array] = {}
-
-    def add(name: str, value: jax.Array) -> None:
-        terms[name] = terms.get(name, jnp.zeros((), jnp.float32)) + value
-
-    loss = jnp.zeros((), jnp.float32)
-    for pred in predictions:
-        logits = upsample_mask_logits(pred["pred_masks"], size)
-        if kind == "bce_dice":
-            bce = _safe_weighted_mean(bce_per_sample(logits, targets), w)
-            dice = _safe_weighted_mean(dice_per_sample(logits, targets), w)
-            add("loss_bce", bce)
-            add("loss_dice", dice)
-            loss = loss + bce_weight * bce + dice_weight * dice
-        else:
-            # LAVT has no λ on its CE: the term enters with weight 1.
-            ce = lavt_weighted_ce(logits, targets, w, lavt_class_weights)
-            add("loss_ce", ce)
-            loss = loss + ce
-        # class_weight is a Python float: the class term is not even traced when off.
-        if class_weight > 0:
-            cls = _safe_weighted_mean(class_ce_per_sample(pred["pred_logits"]), w)
-            add("loss_cls", cls)
-            loss = loss + class_weight * cls
-        else:
-            add("loss_cls", jnp.zeros((), jnp.float32))
+    # Every supervised prediction in one batched computation (one copy in the graph, not 10).
+    num = len(predictions)
+    masks = jnp.stack([pred["pred_masks"] for pred in predictions])        # (P, B, Q, h, w)
+    logits = upsample_mask_logits(masks.reshape(-1, *masks.shape[2:]), size)
+    logits = logits.reshape(num, -1, *size)                                  # (P, B, H, W)
+    if kind == "bce_dice":
+        bce = jax.vmap(lambda x: _safe_weighted_mean(bce_per_sample(x, targets), w))(logits)
+        dice = jax.vmap(lambda x: _safe_weighted_mean(dice_per_sample(x, targets), w))(logits)
+        terms = {"loss_bce": jnp.sum(bce), "loss_dice": jnp.sum(dice)}
+        loss = jnp.sum(bce_weight * bce + dice_weight * dice)
+    else:
+        # LAVT has no λ on its CE: the term enters with weight 1.
+        ce = jax.vmap(lambda x: lavt_weighted_ce(x, targets, w, lavt_class_weights))(logits)
+        terms = {"loss_ce": jnp.sum(ce)}
+        loss = jnp.sum(ce)
+    # class_weight is a Python float: the class term is not even traced when off.
+    if class_weight > 0:
+        classes = jnp.stack([pred["pred_logits"] for pred in predictions])
+        cls = jax.vmap(lambda c: _safe_weighted_mean(class_ce_per_sample(c), w))(classes)
+        terms["loss_cls"] = jnp.sum(cls)
+        loss = loss + class_weight * jnp.sum(cls)
+    else:
+        terms["loss_cls"] = jnp.zeros((), jnp.float32)
     metrics = {**terms, "loss_seg": loss}
     return loss, metrics

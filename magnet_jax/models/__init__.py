@@ -23,6 +23,9 @@ def build_magnet(cfg: ml_collections.ConfigDict) -> MagNet:
     if bert.hidden_size % bert.num_heads:
         raise ValueError(f"model.bert.hidden_size {bert.hidden_size} is not divisible by "
                          f"model.bert.num_heads {bert.num_heads}")
+    # Stacks of identical layers as one lax.scan each (models/stacks.py): same parameters,
+    # same function, a fraction of the compile time.
+    scan = bool(cfg.get("scan_layers", ADDED_MODEL_KEYS["scan_layers"]))
     ends = tuple(bert.stage_ends)
     if list(ends) != sorted(ends) or ends[-1] != bert.num_layers or ends[0] < 1:
         raise ValueError(f"model.bert.stage_ends {ends} must increase and end at "
@@ -31,7 +34,7 @@ def build_magnet(cfg: ml_collections.ConfigDict) -> MagNet:
                         depths=tuple(swin.depths), num_heads=tuple(swin.num_heads),
                         window_size=swin.window_size, mlp_ratio=swin.mlp_ratio,
                         drop_path_rate=swin.drop_path_rate,
-                        pyramid_pools=tuple(fusion.pyramid_pools), remat=cfg.remat)
+                        pyramid_pools=tuple(fusion.pyramid_pools), remat=cfg.remat, scan=scan)
     language_kwargs = dict(vocab_size=bert.vocab_size, hidden_size=bert.hidden_size,
                            num_layers=bert.num_layers, num_heads=bert.num_heads,
                            intermediate_size=bert.intermediate_size,
@@ -39,15 +42,16 @@ def build_magnet(cfg: ml_collections.ConfigDict) -> MagNet:
                            type_vocab_size=bert.type_vocab_size,
                            layer_norm_eps=bert.layer_norm_eps,
                            hidden_dropout=bert.hidden_dropout,
-                           attention_dropout=bert.attention_dropout, remat=cfg.remat,
+                           attention_dropout=bert.attention_dropout, remat=cfg.remat, scan=scan,
                            res_gate_init=fusion.get(
                                "lang_gate_init", ADDED_MODEL_KEYS["fusion.lang_gate_init"]))
     pd, dec = cfg.pixel_decoder, cfg.decoder
     pixel_kwargs = dict(conv_dim=pd.conv_dim, ffn_dim=pd.ffn_dim, num_layers=pd.num_layers,
-                        num_heads=pd.num_heads, num_points=pd.num_points, remat=cfg.remat)
+                        num_heads=pd.num_heads, num_points=pd.num_points, remat=cfg.remat,
+                        scan=scan)
     decoder_kwargs = dict(hidden_dim=dec.hidden_dim, num_heads=dec.num_heads,
                           num_layers=dec.num_layers, ffn_dim=dec.ffn_dim,
-                          num_queries=dec.num_queries, num_classes=dec.num_classes)
+                          num_queries=dec.num_queries, num_classes=dec.num_classes, scan=scan)
     if pd.conv_dim != dec.hidden_dim:
         raise ValueError(f"model.pixel_decoder.conv_dim ({pd.conv_dim}) must equal "
                          f"model.decoder.hidden_dim ({dec.hidden_dim})")

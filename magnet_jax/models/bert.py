@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from magnet_jax.models.layers import dense, gelu, layer_norm
+from magnet_jax.models.stacks import MIN_SCAN_STEPS, layer_keys, scan_layers
 
 Dtype = Any
 
@@ -134,7 +135,8 @@ class BertIntermediate(nn.Module):
 
 
 class BertEncoder(nn.Module):
-    """The stack of layers (`encoder/layer_n`), run over a half-open range [start, end)."""
+    """The stack of layers (`encoder/layer_n`), run over a half-open range [start, end);
+    with `scan`, a range of several layers runs as one lax.scan (models/stacks.py)."""
     num_layers: int
     hidden_size: int
     num_heads: int
@@ -143,6 +145,7 @@ class BertEncoder(nn.Module):
     hidden_dropout: float
     attention_dropout: float
     remat: bool = False
+    scan: bool = True
     dtype: Dtype = jnp.float32
 
     def setup(self):
@@ -153,6 +156,20 @@ class BertEncoder(nn.Module):
 
     def __call__(self, x, mask, start: int = 0, end: int | None = None, deterministic: bool = True):
         end = self.num_layers if end is None else end
-        for i in range(start, end):
-            x = self.layer[i](x, mask, deterministic)
+        if not self.scan or end - start < MIN_SCAN_STEPS or self.is_initializing():
+            for i in range(start, end):
+                x = self.layer[i](x, mask, deterministic)
+            return x
+        params = self.variables["params"]
+        layer = BertLayer(self.hidden_size, self.num_heads, self.intermediate_size,
+                          self.layer_norm_eps, self.hidden_dropout, self.attention_dropout,
+                          dtype=self.dtype, parent=None)   # unbound: applied per step
+        keys = layer_keys(None if deterministic else self.make_rng("dropout"), end - start)
+
+        def step(x, p, key):
+            rngs = {} if key is None else {"dropout": key}
+            return layer.apply({"params": p}, x, mask, deterministic, rngs=rngs), None
+
+        x, _ = scan_layers(step, x, [params[f"layer_{i}"] for i in range(start, end)], keys,
+                           remat=self.remat)
         return x

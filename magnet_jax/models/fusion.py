@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from magnet_jax.models import ops
+from magnet_jax.models import ops, stacks
 from magnet_jax.models.layers import (BlockAccumulatedDense, dense, gelu, layer_norm,
                                       torch_default_kernel)
 
@@ -118,10 +118,13 @@ class PyramidPool(nn.Module):
     pool: int
     dtype: Dtype = jnp.float32
 
-    @nn.compact
     def __call__(self, x_map):
+        return self.project(ops.adaptive_avg_pool2d(x_map, self.pool))
+
+    @nn.compact
+    def project(self, y):
+        """The convolutions alone, on pooled cells (..., C): each cell independently."""
         conv = dict(use_bias=False, kernel_init=torch_default_kernel, dtype=self.dtype)
-        y = ops.adaptive_avg_pool2d(x_map, self.pool)
         y = dense(4 * self.dim, name="expand", **conv)(y)
         y = ChannelLayerNorm(name="norm")(y)
         y = gelu(dense(self.dim, name="reduce", axes=("mlp", "embed"), **conv)(y))
@@ -153,9 +156,41 @@ def pyramid_branch(pyramid: PyramidPool, fusion: ImagePWAM, x_map, words, m01):
     return ops.resize_bilinear_align_corners(y, (h, w))
 
 
-def fuse_image_stage(x_map, words, m01, *, fusion: ImagePWAM, res_gate, pyramids: Sequence[PyramidPool],
-                     fusions: Sequence[ImagePWAM], mixer: Mixer):
-    """Image-side fusion of one stage (magnet_architecture.md §3.4).
+def batched_pyramid_branches(pyramid_params: Sequence, fusion_params: Sequence,
+                             pools: Sequence[int], dim: int, out_dim: int, x_map, words, m01,
+                             dtype=jnp.float32):
+    """Every pyramid scale at once, the same values as `pyramid_branch` per scale.
+
+    The pooled cells of all scales are padded to the largest grid and the convolutions and
+    the PWAM (both act on each cell independently) run once, vmapped over the scales'
+    stacked parameters: one copy of the branch in the graph instead of one per scale.
+    pyramid_params / fusion_params: each scale's parameter trees (pyramids_k, fusions_k).
+    """
+    b, h, w, _ = x_map.shape
+    cells = max(p * p for p in pools)
+    pooled = []
+    for p in pools:
+        y = ops.adaptive_avg_pool2d(x_map, p).reshape(b, p * p, -1)
+        pooled.append(jnp.pad(y, ((0, 0), (0, cells - p * p), (0, 0))))
+    # Unbound copies applied to each scale's parameters; `pool` is unused by `project`.
+    pyramid = PyramidPool(dim, out_dim, pools[0], dtype=dtype, parent=None)
+    fusion = ImagePWAM(out_dim, dtype=dtype, parent=None)
+
+    def branch(p_pyramid, p_fusion, y):
+        y = pyramid.apply({"params": p_pyramid}, y, method=PyramidPool.project)
+        return fusion.apply({"params": p_fusion}, y, words, m01)
+
+    stack = stacks.stack_trees
+    out = jax.vmap(branch)(stack(pyramid_params), stack(fusion_params), jnp.stack(pooled))
+    r = out.shape[-1]
+    return [ops.resize_bilinear_align_corners(out[k, :, :p * p].reshape(b, p, p, r), (h, w))
+            for k, p in enumerate(pools)]
+
+
+def fuse_image_stage(x_map, words, m01, *, fusion: ImagePWAM, res_gate, mixer: Mixer,
+                     branches: Sequence[jax.Array]):
+    """Image-side fusion of one stage (magnet_architecture.md §3.4); `branches` are the
+    pyramid scales' outputs (B, H, W, r) (`pyramid_branch` or `batched_pyramid_branches`).
 
     Returns (feat (B, H, W, C) for the pixel decoder, gated map for the next Swin stage or None).
     """
@@ -163,6 +198,5 @@ def fuse_image_stage(x_map, words, m01, *, fusion: ImagePWAM, res_gate, pyramids
     tokens = x_map.reshape(b, h * w, c)
     f = fusion(tokens, words, m01)
     gated = res_gate(tokens, f).reshape(b, h, w, c) if res_gate is not None else None
-    branches = [pyramid_branch(p, fu, x_map, words, m01) for p, fu in zip(pyramids, fusions)]
-    z = jnp.concatenate(branches + [f.reshape(b, h, w, c)], axis=-1)
+    z = jnp.concatenate(list(branches) + [f.reshape(b, h, w, c)], axis=-1)
     return mixer(z), gated

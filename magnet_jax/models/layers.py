@@ -51,13 +51,19 @@ class DropPath(nn.Module):
     rate: float
 
     @nn.compact
-    def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
-        if deterministic or self.rate == 0.0:
+    def __call__(self, x: jax.Array, deterministic: bool, rate: jax.Array | None = None) -> jax.Array:
+        """rate: overrides the attribute (a traced per-layer rate inside a scanned stack)."""
+        if deterministic or (rate is None and self.rate == 0.0):
             return x
-        keep = 1.0 - self.rate
+        if rate is None:
+            keep = 1.0 - self.rate
+        else:
+            # The same float32 value the static path uses, in x's dtype for the division.
+            keep = (1.0 - jnp.asarray(rate, jnp.float32))
         shape = (x.shape[0],) + (1,) * (x.ndim - 1)
         mask = jax.random.bernoulli(self.make_rng("droppath"), keep, shape)
-        return jnp.where(mask, x / keep, jnp.zeros_like(x))
+        divisor = keep if rate is None else keep.astype(x.dtype)
+        return jnp.where(mask, x / divisor, jnp.zeros_like(x))
 
 
 class TanhGate(nn.Module):

@@ -16,11 +16,13 @@ import jax.numpy as jnp
 from magnet_jax.models import ops
 from magnet_jax.models.bert import BertEmbeddings, BertEncoder, additive_attention_mask
 from magnet_jax.models.fusion import (ImagePWAM, LanguagePWAM, Mixer, PyramidPool,
-                                      fuse_image_stage)
+                                      batched_pyramid_branches, fuse_image_stage,
+                                      pyramid_branch)
 from magnet_jax.models.layers import (TanhGate, dense, normal_002, stochastic_depth_rates,
                                       torch_default_kernel)
 from magnet_jax.models.mask_decoder import MaskedAttentionDecoder
 from magnet_jax.models.msdeform import PixelDecoder
+from magnet_jax.models.stacks import MIN_SCAN_STEPS, layer_keys, scan_layers
 from magnet_jax.models.swin import PatchEmbed, PatchMerging, SwinBlock
 
 Dtype = Any
@@ -39,6 +41,7 @@ class ImageStage(nn.Module):
     pyramid_pools: Sequence[int]
     has_downsample: bool
     remat: bool = False
+    scan: bool = True
     dtype: Dtype = jnp.float32
 
     def setup(self):
@@ -57,15 +60,45 @@ class ImageStage(nn.Module):
         self.downsample = PatchMerging(self.dim, dtype=self.dtype) if self.has_downsample else None
 
     def run_blocks(self, x, deterministic: bool):
-        for block in self.blocks:
-            x = block(x, deterministic)
+        pairs = self.depth // 2
+        if not self.scan or self.depth % 2 or pairs < MIN_SCAN_STEPS or self.is_initializing():
+            for block in self.blocks:
+                x = block(x, deterministic)
+            return x
+        # (plain, shifted) block pairs as one scan step: the two differ in their static shift.
+        params = self.variables["params"]
+        pair_params = [(params[f"blocks_{2 * k}"], params[f"blocks_{2 * k + 1}"])
+                       for k in range(pairs)]
+        rates = jnp.asarray(self.drop_path, jnp.float32).reshape(pairs, 2)
+        keys = layer_keys(None if deterministic else self.make_rng("droppath"), pairs)
+        blocks = [SwinBlock(self.dim, self.num_heads, self.window_size, shift, self.mlp_ratio,
+                            dtype=self.dtype, parent=None)   # unbound: applied per step
+                  for shift in (0, self.window_size // 2)]
+
+        def step(x, pair, inputs):
+            rate, key = inputs
+            for j, (block, p) in enumerate(zip(blocks, pair)):
+                rngs = {} if key is None else {"droppath": jax.random.fold_in(key, j)}
+                x = block.apply({"params": p}, x, deterministic, rate[j], rngs=rngs)
+            return x, None
+
+        x, _ = scan_layers(step, x, pair_params, (rates, keys), remat=self.remat)
         return x
 
     def fuse(self, x, words, m01):
         """-> (feature map for the pixel decoder, input of the next stage or None)."""
+        pools = tuple(self.pyramid_pools)
+        if self.scan and len(pools) >= MIN_SCAN_STEPS and not self.is_initializing():
+            params = self.variables["params"]
+            branches = batched_pyramid_branches(
+                [params[f"pyramids_{k}"] for k in range(len(pools))],
+                [params[f"fusions_{k}"] for k in range(len(pools))],
+                pools, self.dim, self.dim // 4, x, words, m01, dtype=self.dtype)
+        else:
+            branches = [pyramid_branch(p, fu, x, words, m01)
+                        for p, fu in zip(self.pyramids, self.fusions)]
         feat, gated = fuse_image_stage(x, words, m01, fusion=self.fusion, res_gate=self.res_gate,
-                                       pyramids=self.pyramids, fusions=self.fusions,
-                                       mixer=self.mixer)
+                                       mixer=self.mixer, branches=branches)
         nxt = self.downsample(gated) if self.downsample is not None else None
         return feat, nxt
 
@@ -81,6 +114,7 @@ class ImageModel(nn.Module):
     drop_path_rate: float
     pyramid_pools: Sequence[int]
     remat: bool = False
+    scan: bool = True
     dtype: Dtype = jnp.float32
 
     def setup(self):
@@ -90,7 +124,7 @@ class ImageModel(nn.Module):
         self.layers = [ImageStage(self.embed_dim * 2 ** s, self.depths[s], self.num_heads[s],
                                   self.window_size, self.mlp_ratio, tuple(rates[s]),
                                   tuple(self.pyramid_pools), s < n - 1, remat=self.remat,
-                                  dtype=self.dtype)
+                                  scan=self.scan, dtype=self.dtype)
                        for s in range(n)]
 
     def embed(self, image):
@@ -117,6 +151,7 @@ class LanguageModel(nn.Module):
     attention_dropout: float
     num_fusions: int
     remat: bool = False
+    scan: bool = True
     # "zeros" is the official init; both gate layers at zero get zero gradients, so the
     # language-side fusion never switches on in training. "normal": N(0, 0.02²) as the image side.
     res_gate_init: str = "zeros"
@@ -132,7 +167,7 @@ class LanguageModel(nn.Module):
         self.encoder = BertEncoder(self.num_layers, self.hidden_size, self.num_heads,
                                    self.intermediate_size, self.layer_norm_eps,
                                    self.hidden_dropout, self.attention_dropout,
-                                   remat=self.remat, dtype=self.dtype)
+                                   remat=self.remat, scan=self.scan, dtype=self.dtype)
         self.pwams = [LanguagePWAM(self.hidden_size, dtype=self.dtype) for _ in range(self.num_fusions)]
         self.res_gates = [TanhGate(self.hidden_size, "relu",
                                    kernel_init=LANG_GATE_INITS[self.res_gate_init],
@@ -203,28 +238,41 @@ class MagNet(nn.Module):
             return words, self.language_model.fuse(s, words, visual, lang_e)
         return words, None
 
-    def encode(self, image, ids, att, train: bool = False, return_intermediates: bool = False):
+    def encode(self, image, ids, att, train: bool = False, return_intermediates: bool = False,
+               masked_ids=None):
         """Interleaved encoder -> list of 4 fused feature maps, fine to coarse (NHWC).
 
         return_intermediates: also the pre-fusion visual maps i_1..i_4 and the final language
         features (l_4' when the training heads are built, else l_4), as a dict.
+        masked_ids: other token ids (B, N) with the same attention mask (Mask Grounding's
+        masked sentence), run through the language path beside `ids` as one batch of 2B, with
+        the visual maps of this pass: `encode_text` in the same program, not a second copy of
+        the language path. Their final features go to the intermediates as masked_text_final.
         """
         deterministic = not train
         m01, ext, lang_e = self._masks(att)
+        b = ids.shape[0]
         x = self.image_model.embed(image.astype(self.dtype))
+        if masked_ids is not None:
+            ids = jnp.concatenate([ids, masked_ids.astype(ids.dtype)])
+            ext, lang_e = (jnp.concatenate([a, a]) for a in (ext, lang_e))
         words = self.language_model.embed(ids, deterministic)
         features, visual_stages, start = [], [], 0
         for s, end in enumerate(self.text_stage_ends):
             x = self.image_model.run_blocks(s, x, deterministic)
-            words, fused_words = self._text_stage(s, words, ext, lang_e, x, start, end,
+            visual = x if masked_ids is None else jnp.concatenate([x, x])
+            words, fused_words = self._text_stage(s, words, ext, lang_e, visual, start, end,
                                                   deterministic)
-            feat, x_next = self.image_model.fuse(s, x, words, m01)
+            feat, x_next = self.image_model.fuse(s, x, words[:b], m01)
             features.append(feat)
             visual_stages.append(x)
             words = fused_words if fused_words is not None else words
             x, start = x_next, end
         if return_intermediates:
-            return features, dict(visual_stages=visual_stages, text_final=words)
+            extra = dict(visual_stages=visual_stages, text_final=words[:b])
+            if masked_ids is not None:
+                extra["masked_text_final"] = words[b:]
+            return features, extra
         return features
 
     def encode_text(self, ids, att, visual_stages, train: bool = False):
@@ -246,11 +294,14 @@ class MagNet(nn.Module):
             raise ValueError("project_text needs the training heads (model.training_heads=True)")
         return self.lang_proj(text_features)
 
-    def __call__(self, image, ids, att, train: bool = False, return_intermediates: bool = False):
+    def __call__(self, image, ids, att, train: bool = False, return_intermediates: bool = False,
+                 masked_ids=None):
         """return_intermediates adds `intermediates`: visual_stages, text_final, features
         (the 4 fused maps), mask_features and, with the training heads, text_projected
-        (lang_proj of text_final), for the training objectives."""
-        features, extra = self.encode(image, ids, att, train, return_intermediates=True)
+        (lang_proj of text_final), for the training objectives; with masked_ids (see
+        `encode`) also masked_text_final."""
+        features, extra = self.encode(image, ids, att, train, return_intermediates=True,
+                                      masked_ids=masked_ids)
         mask_features, memories = self.pixel_decoder(features)
         predictions = self.predictor(memories, mask_features)
         final = predictions[-1]

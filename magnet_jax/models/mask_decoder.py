@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from magnet_jax.models import ops
 from magnet_jax.models.layers import dense, layer_norm, torch_default_kernel
+from magnet_jax.models.stacks import MIN_SCAN_STEPS, scan_layers
 
 Dtype = Any
 xavier = nn.initializers.xavier_uniform()
@@ -96,6 +97,7 @@ class MaskedAttentionDecoder(nn.Module):
     ffn_dim: int = 2048
     num_queries: int = 1
     num_classes: int = 1
+    scan: bool = True
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -111,8 +113,8 @@ class MaskedAttentionDecoder(nn.Module):
         for level, x in enumerate(memories):
             h, w = x.shape[1:3]
             sizes.append((h, w))
-            pe = ops.sine_position_embedding(h, w, c // 2).reshape(1, h * w, c)
-            poses.append(jnp.asarray(pe, x.dtype))
+            pe = ops.sine_position_embedding_in_graph(h, w, c // 2).reshape(1, h * w, c)
+            poses.append(pe.astype(x.dtype))
             # Here the level embedding is added to the memory itself, so it reaches the values.
             srcs.append(x.reshape(b, h * w, c) + level_embed[level][None, None].astype(x.dtype))
         query_pos = jnp.broadcast_to(query_embed[None], (b, self.num_queries, c)).astype(self.dtype)
@@ -135,6 +137,11 @@ class MaskedAttentionDecoder(nn.Module):
         predictions = []
         pred, block = predict(output, sizes[0])
         predictions.append(pred)
+        groups = self.num_layers // num_levels
+        if (self.scan and self.num_layers % num_levels == 0 and groups >= MIN_SCAN_STEPS
+                and not self.is_initializing()):
+            return predictions + self._scanned_layers(output, block, groups, query_pos, srcs,
+                                                      poses, sizes, predict)
         for i in range(self.num_layers):
             level = i % num_levels
             # A query whose predicted mask is empty attends everywhere.
@@ -148,3 +155,33 @@ class MaskedAttentionDecoder(nn.Module):
             pred, block = predict(output, sizes[(i + 1) % num_levels])
             predictions.append(pred)
         return predictions
+
+    def _scanned_layers(self, output, block, groups, query_pos, srcs, poses, sizes, predict):
+        """The layers as `groups` scan steps of one cycle over the memory levels each (the
+        levels' shapes differ, a cycle's do not). Returns the predictions after every layer."""
+        c, num_levels = self.hidden_dim, len(srcs)
+        params = self.variables["params"]
+        # Unbound copies, applied per step to each layer's parameters.
+        attention = AttentionLayer(c, self.num_heads, dtype=self.dtype, parent=None)
+        ffn = FFNLayer(c, self.ffn_dim, dtype=self.dtype, parent=None)
+        group_params = [[(params[f"cross_attn_{i}"], params[f"self_attn_{i}"], params[f"ffn_{i}"])
+                         for i in range(g * num_levels, (g + 1) * num_levels)]
+                        for g in range(groups)]
+
+        def step(carry, layer_params, _):
+            output, block = carry
+            preds = []
+            for level, (p_cross, p_self, p_ffn) in enumerate(layer_params):
+                full = jnp.all(block, axis=-1, keepdims=True)
+                block = jnp.where(full, False, block)
+                output = attention.apply({"params": p_cross}, output, query_pos, srcs[level],
+                                         poses[level], block)
+                output = attention.apply({"params": p_self}, output, query_pos, output, query_pos)
+                output = ffn.apply({"params": p_ffn}, output)
+                pred, block = predict(output, sizes[(level + 1) % num_levels])
+                preds.append(pred)
+            return (output, block), preds
+
+        _, stacked = scan_layers(step, (output, block), group_params)
+        return [jax.tree.map(lambda a, g=g: a[g], stacked[level])
+                for g in range(groups) for level in range(num_levels)]

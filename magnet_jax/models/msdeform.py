@@ -16,6 +16,7 @@ import numpy as np
 
 from magnet_jax.models import ops
 from magnet_jax.models.layers import dense, layer_norm
+from magnet_jax.models.stacks import MIN_SCAN_STEPS, scan_layers
 
 Dtype = Any
 xavier = nn.initializers.xavier_uniform()
@@ -116,6 +117,7 @@ class DeformableEncoder(nn.Module):
     num_points: int
     spatial_shapes: tuple
     remat: bool = False
+    scan: bool = True
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -127,32 +129,44 @@ class DeformableEncoder(nn.Module):
         for level, x in enumerate(srcs):
             h, w = x.shape[1:3]
             flat.append(x.reshape(b, h * w, self.dim))
-            pe = jnp.asarray(ops.sine_position_embedding(h, w, self.dim // 2)).reshape(1, h * w, self.dim)
+            pe = ops.sine_position_embedding_in_graph(h, w, self.dim // 2).reshape(1, h * w, self.dim)
             pos.append(pe + level_embed[level][None, None])   # level embedding enters the query only
         src = jnp.concatenate(flat, 1)
         pos = jnp.concatenate(pos, 1).astype(src.dtype)
         refs = jnp.asarray(reference_points(self.spatial_shapes))
-        layer_cls = nn.remat(DeformableEncoderLayer) if self.remat else DeformableEncoderLayer
         # Nest the layers under `encoder/layers_n`, as in the official state_dict.
-        encoder = _EncoderStack(layer_cls, self.num_layers,
+        encoder = _EncoderStack(self.num_layers,
                                 dict(dim=self.dim, ffn_dim=self.ffn_dim, num_levels=self.num_levels,
                                      num_heads=self.num_heads, num_points=self.num_points,
                                      spatial_shapes=self.spatial_shapes, dtype=self.dtype),
-                                name="encoder")
+                                remat=self.remat, scan=self.scan, name="encoder")
         return encoder(src, pos, refs)
 
 
 class _EncoderStack(nn.Module):
-    layer_cls: Any
+    """The encoder layers; with `scan`, one lax.scan over them (models/stacks.py)."""
     num_layers: int
     layer_kwargs: dict
+    remat: bool = False
+    scan: bool = True
 
     def setup(self):
-        self.layers = [self.layer_cls(**self.layer_kwargs) for _ in range(self.num_layers)]
+        layer_cls = nn.remat(DeformableEncoderLayer) if self.remat else DeformableEncoderLayer
+        self.layers = [layer_cls(**self.layer_kwargs) for _ in range(self.num_layers)]
 
     def __call__(self, src, pos, refs):
-        for layer in self.layers:
-            src = layer(src, pos, refs)
+        if not self.scan or self.num_layers < MIN_SCAN_STEPS or self.is_initializing():
+            for layer in self.layers:
+                src = layer(src, pos, refs)
+            return src
+        params = self.variables["params"]
+        layer = DeformableEncoderLayer(**self.layer_kwargs, parent=None)   # applied per step
+
+        def step(src, p, _):
+            return layer.apply({"params": p}, src, pos, refs), None
+
+        src, _ = scan_layers(step, src, [params[f"layers_{i}"] for i in range(self.num_layers)],
+                             remat=self.remat)
         return src
 
 
@@ -180,6 +194,7 @@ class PixelDecoder(nn.Module):
     num_heads: int = 8
     num_points: int = 4
     remat: bool = False
+    scan: bool = True
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -190,7 +205,7 @@ class PixelDecoder(nn.Module):
         shapes = tuple((x.shape[1], x.shape[2]) for x in srcs)
         memory = DeformableEncoder(self.conv_dim, self.ffn_dim, self.num_layers, len(srcs),
                                    self.num_heads, self.num_points, shapes, remat=self.remat,
-                                   dtype=self.dtype, name="transformer")(srcs)
+                                   scan=self.scan, dtype=self.dtype, name="transformer")(srcs)
         b = memory.shape[0]
         outs, start = [], 0
         for h, w in shapes:

@@ -173,6 +173,29 @@ def sine_position_embedding(h: int, w: int, num_pos_feats: int = 128,
     return np.concatenate([pos_y, pos_x], axis=-1).astype(np.float32)
 
 
+def sine_position_embedding_in_graph(h: int, w: int, num_pos_feats: int = 128,
+                                     temperature: float = 10000.0) -> jax.Array:
+    """`sine_position_embedding`, bit for bit, broadcast by the graph from its (h, F) row and
+    (w, F) column tables: a few kB of constants instead of an (h, w, 2F) one baked into the
+    compiled and exported module (19 MB for the pixel decoder at 480²)."""
+    pos_y = sine_position_embedding(h, 1, num_pos_feats, temperature)[:, 0, :num_pos_feats]
+    pos_x = sine_position_embedding(1, w, num_pos_feats, temperature)[0, :, num_pos_feats:]
+    pos_y = jnp.broadcast_to(jnp.asarray(pos_y)[:, None, :], (h, w, num_pos_feats))
+    pos_x = jnp.broadcast_to(jnp.asarray(pos_x)[None, :, :], (h, w, num_pos_feats))
+    return jnp.concatenate([pos_y, pos_x], axis=-1)
+
+
+def swin_shift_mask_in_graph(hp: int, wp: int, window: int, shift: int) -> jax.Array:
+    """`swin_shift_mask` computed by the graph from iota (no (nW, w², w²) constant)."""
+    def regions(n):                         # 0, 1, 2 for the slices [0, n-w), [n-w, n-s), [n-s, n)
+        i = jnp.arange(n)
+        return (i >= n - window).astype(jnp.int32) + (i >= n - shift).astype(jnp.int32)
+
+    labels = regions(hp)[:, None] * 3 + regions(wp)[None, :]
+    win = window_partition(labels[None, :, :, None], window)[..., 0]          # (nW, w²)
+    return jnp.where(win[:, None, :] != win[:, :, None], jnp.float32(-100.0), jnp.float32(0.0))
+
+
 @functools.lru_cache(maxsize=None)
 def relative_position_index(window: int) -> np.ndarray:
     """(window², window²) index into the (2w-1)² relative-position bias table."""

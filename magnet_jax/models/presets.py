@@ -9,7 +9,7 @@ import ml_collections
 # Model keys added after runs and converted weights were stored, with the value that rebuilds
 # those: a stored model config without the key means this value (models.build_magnet, and the
 # resume check of training.checkpointing).
-ADDED_MODEL_KEYS = {"fusion.lang_gate_init": "zeros"}
+ADDED_MODEL_KEYS = {"fusion.lang_gate_init": "zeros", "scan_layers": True}
 
 SWIN_SIZES = {
     # name: (embed_dim, depths, num_heads)
@@ -28,6 +28,10 @@ def official_model_config(image_size: int = 480) -> ml_collections.ConfigDict:
     m.max_tokens = 20
     m.dtype = "float32"
     m.remat = False
+    # Run stacks of identical layers (Swin block pairs, BERT stages, the deformable encoder, the
+    # mask decoder's level cycles) as one lax.scan each: the same parameters and function,
+    # compiled once per stack instead of once per layer (docs/benchmarks.md, "Compile time").
+    m.scan_layers = True
     # Build the parts only training uses (last language fusion, lang_proj); off for inference.
     m.training_heads = False
     m.swin = ml_collections.ConfigDict(dict(

@@ -53,7 +53,7 @@ class WindowAttention(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, mask: np.ndarray | None) -> jax.Array:
+    def __call__(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
         w = self.window_size
         n = w * w
         heads = self.num_heads
@@ -94,7 +94,9 @@ class SwinBlock(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+    def __call__(self, x: jax.Array, deterministic: bool = True,
+                 drop_path_rate: jax.Array | None = None) -> jax.Array:
+        """drop_path_rate: overrides `drop_path` (a traced rate inside a scanned stage)."""
         b, h, w, c = x.shape
         ws, shift = self.window_size, self.shift_size
         shortcut = x
@@ -105,7 +107,7 @@ class SwinBlock(nn.Module):
         mask = None
         if shift > 0:
             y = jnp.roll(y, (-shift, -shift), axis=(1, 2))
-            mask = ops.swin_shift_mask(hp, wp, ws, shift)
+            mask = ops.swin_shift_mask_in_graph(hp, wp, ws, shift)
         windows = ops.window_partition(y, ws)
         windows = WindowAttention(c, self.num_heads, ws, dtype=self.dtype, name="attn")(windows, mask)
         y = ops.window_reverse(windows, ws, hp, wp)
@@ -113,10 +115,10 @@ class SwinBlock(nn.Module):
             y = jnp.roll(y, (shift, shift), axis=(1, 2))
         y = y[:, :h, :w, :]
         drop = DropPath(self.drop_path)
-        x = shortcut + drop(y, deterministic)
+        x = shortcut + drop(y, deterministic, drop_path_rate)
         z = layer_norm(1e-5, name="norm2", dtype=self.dtype)(x)
         z = Mlp(int(c * self.mlp_ratio), c, dtype=self.dtype, name="mlp")(z)
-        return x + drop(z, deterministic)
+        return x + drop(z, deterministic, drop_path_rate)
 
 
 class Mlp(nn.Module):

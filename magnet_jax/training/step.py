@@ -80,16 +80,16 @@ def make_loss_fn(model: MagNet, mg_head: nn.Module | None, objectives: Objective
     def loss_fn(params, batch, key):
         k_drop, k_path, k_mg, k_cal = jax.random.split(key, 4)
         variables = {"params": model_params(params)}
+        # The masked sentence goes through the language path with the unmasked pass's visual
+        # maps (mg.text_path = "shared_visual", training_objectives.md §3.3), batched with it.
         out = model.apply(variables, batch["image"], batch["ids"], batch["att"], train=True,
-                          return_intermediates=True, rngs={"dropout": k_drop, "droppath": k_path})
+                          return_intermediates=True,
+                          masked_ids=batch["mg_ids"] if objectives.uses_mg else None,
+                          rngs={"dropout": k_drop, "droppath": k_path})
         total, metrics = segmentation_loss(out, batch["mask"], batch["weight"], **objectives.seg)
         inter = out["intermediates"]
         if objectives.uses_mg:
-            k_text, k_head = jax.random.split(k_mg)
-            # The masked sentence goes through the language path with the unmasked pass's
-            # visual maps (mg.text_path = "shared_visual", training_objectives.md §3.3).
-            text = model.apply(variables, batch["mg_ids"], batch["att"], inter["visual_stages"],
-                               train=True, method=MagNet.encode_text, rngs={"dropout": k_text})
+            text = inter["masked_text_final"]
             embedding = variables["params"]["language_model"]["embeddings"]["word_embeddings"]
             positions, targets = None, batch["mg_targets"]
             if objectives.mg_max_predictions > 0:
@@ -97,7 +97,7 @@ def make_loss_fn(model: MagNet, mg_head: nn.Module | None, objectives: Objective
             logits = mg_head.apply({"params": params[MG_KEY]}, text, batch["att"],
                                    inter["features"][-1], batch["mask"], embedding["embedding"],
                                    deterministic=False, positions=positions,
-                                   rngs={"dropout": k_head})
+                                   rngs={"dropout": k_mg})
             loss_mg, mg_metrics = mask_grounding_loss(logits, targets, batch["weight"])
             total = total + objectives.mg_weight * loss_mg
             metrics.update(mg_metrics)
@@ -177,12 +177,13 @@ def _mg_head_inputs(model: MagNet, image_size: int, max_tokens: int):
             jnp.zeros((text_kwargs["vocab_size"], width)))
 
 
-def init_train_state(model: MagNet, mg_head: nn.Module | None, make_tx: Callable[[Any], Any],
-                     image_size: int, seed: int, mesh: Mesh, max_tokens: int = 20):
-    """Create the sharded train state directly on the mesh (no replicated host copy).
+def abstract_train_state(model: MagNet, mg_head: nn.Module | None, make_tx: Callable[[Any], Any],
+                         image_size: int, seed: int, mesh: Mesh, max_tokens: int = 20):
+    """The train state's shapes and shardings, without computing it (no compilation).
 
     make_tx(abstract params) -> optax transformation (the groups depend on the tree).
-    Returns (state, state_shardings, tx).
+    Returns (boxed_state: key -> boxed state, abstract state (ShapeDtypeStructs with their
+    shardings), state_shardings, tx).
     """
     def boxed_params(key):
         k_model, k_head = jax.random.split(key)
@@ -195,17 +196,32 @@ def init_train_state(model: MagNet, mg_head: nn.Module | None, make_tx: Callable
     key = jax.random.key(seed)
     # The optimiser groups only need the tree's paths and shapes.
     tx = make_tx(nn.unbox(jax.eval_shape(boxed_params, key)))
+
+    def boxed_state(key):
+        # The optimiser state is created from the boxed params, so its moments inherit the
+        # parameters' logical annotations and are sharded like them (jax_stack.md §2.3).
+        params = boxed_params(key)
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
+        boxed = jax.eval_shape(boxed_state, key)
+        shardings = sharding.logical_shardings(boxed, mesh)
+    abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                            nn.unbox(boxed), shardings)
+    return boxed_state, abstract, shardings, tx
 
-        def boxed_state(key):
-            # The optimiser state is created from the boxed params, so its moments inherit the
-            # parameters' logical annotations and are sharded like them (jax_stack.md §2.3).
-            params = boxed_params(key)
-            return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                              opt_state=tx.init(params))
 
-        shardings = sharding.logical_shardings(jax.eval_shape(boxed_state, key), mesh)
-    state = jax.jit(lambda k: nn.unbox(boxed_state(k)), out_shardings=shardings)(key)
+def init_train_state(model: MagNet, mg_head: nn.Module | None, make_tx: Callable[[Any], Any],
+                     image_size: int, seed: int, mesh: Mesh, max_tokens: int = 20):
+    """Create the sharded train state directly on the mesh (no replicated host copy).
+
+    make_tx(abstract params) -> optax transformation (the groups depend on the tree).
+    Returns (state, state_shardings, tx).
+    """
+    boxed_state, _, shardings, tx = abstract_train_state(model, mg_head, make_tx, image_size,
+                                                         seed, mesh, max_tokens)
+    state = jax.jit(lambda k: nn.unbox(boxed_state(k)),
+                    out_shardings=shardings)(jax.random.key(seed))
     return state, shardings, tx
 
 

@@ -360,6 +360,20 @@ def test_swin_shift_mask_brute_force(hp, wp, window, shift):
     assert set(np.unique(got)) <= {0.0, -100.0}
 
 
+@pytest.mark.parametrize("hp,wp,window,shift", [(120, 120, 12, 6), (36, 36, 12, 6),
+                                                 (7, 7, 7, 3), (8, 12, 4, 2)])
+def test_swin_shift_mask_in_graph_equals_the_constant(hp, wp, window, shift):
+    """The graph-computed mask (what the model uses) is the brute-force-tested constant."""
+    got = jax.jit(lambda: ops.swin_shift_mask_in_graph(hp, wp, window, shift))()
+    np.testing.assert_array_equal(np.asarray(got), ops.swin_shift_mask(hp, wp, window, shift))
+
+
+@pytest.mark.parametrize("h,w,f", [(120, 120, 128), (15, 20, 128), (4, 6, 16)])
+def test_sine_position_embedding_in_graph_is_bit_identical(h, w, f):
+    got = jax.jit(lambda: ops.sine_position_embedding_in_graph(h, w, f))()
+    np.testing.assert_array_equal(np.asarray(got), ops.sine_position_embedding(h, w, f))
+
+
 def test_swin_shift_mask_single_window_regions():
     """4x4 map padded to a 7x7 window, shift 3: regions rows/cols [0,0) empty, [0,4), [4,7) —
     the shift is NOT disabled for maps no larger than the window."""

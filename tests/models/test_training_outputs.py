@@ -53,9 +53,11 @@ def test_intermediates_and_masked_text_path(tiny_training_model):
         masked = model.apply({"params": p}, ids.at[:, 1].set(103), att, inter["visual_stages"],
                              method=MagNet.encode_text)
         projected = model.apply({"params": p}, inter["text_final"], method=MagNet.project_text)
-        return out, again, masked, projected
+        batched = model.apply({"params": p}, image, ids, att, return_intermediates=True,
+                              masked_ids=ids.at[:, 1].set(103))
+        return out, again, masked, projected, batched
 
-    out, again, masked, projected = jax.jit(run)(params, image, ids, att)
+    out, again, masked, projected, batched = jax.jit(run)(params, image, ids, att)
     inter = out["intermediates"]
     assert [v.shape[1] for v in inter["visual_stages"]] == [16, 8, 4, 2]
     assert inter["mask_features"].shape == (2, 16, 16, 64)
@@ -65,6 +67,13 @@ def test_intermediates_and_masked_text_path(tiny_training_model):
     # and masking a token changes them.
     np.testing.assert_allclose(again, inter["text_final"], rtol=1e-5, atol=1e-6)
     assert float(jnp.abs(masked - inter["text_final"]).max()) > 1e-3
+    # The masked sentence batched into the same pass (the train step's way) gives the same
+    # features, and leaves the unmasked pass unchanged.
+    np.testing.assert_allclose(batched["intermediates"]["masked_text_final"], masked,
+                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(batched["pred_masks"], out["pred_masks"], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(batched["intermediates"]["text_final"], inter["text_final"],
+                               rtol=1e-5, atol=1e-6)
 
 
 def test_project_text_needs_the_training_heads():

@@ -41,3 +41,20 @@ def test_a_key_added_later_matches_its_old_behaviour():
     current.model.fusion.lang_gate_init = "normal"
     assert config_differences(stored, current) == [
         "model.fusion.lang_gate_init: 'zeros' -> 'normal'"]
+
+
+def test_how_the_graph_is_compiled_does_not_make_another_run():
+    """model.remat and model.scan_layers change the compiled program, not the parameters: a
+    run stored before scan_layers existed (or with it off) resumes with either setting; a
+    change of the model itself is still refused."""
+    from configs import magnet
+    from magnet_jax.training.checkpointing import config_differences, config_json
+
+    current = magnet.get_config("tiny")
+    stored = config_json(current)
+    del stored["model"]["scan_layers"]
+    stored["model"]["remat"] = not current.model.remat
+    current.model.scan_layers = False
+    assert config_differences(stored, current) == []
+    current.model.max_tokens += 1
+    assert [d.split(":")[0] for d in config_differences(stored, current)] == ["model.max_tokens"]
