@@ -94,14 +94,17 @@ def _report(name: str, ref: np.ndarray, out: np.ndarray, device, **extra) -> dic
     return figures
 
 
+def _model_and_inputs(cfg, size: int, batch: int):
+    model = build_model(cfg)
+    return model, _unit_gain_params(model, size), _inputs(size, batch)
+
+
 @pytest.fixture(scope="module")
 def tiny():
     """The CI-sized model at 64×64, batch 2, and its CPU logits at highest precision."""
     accel, cpu = _devices()
     cfg = presets.tiny_model_config(64)
-    model = build_model(cfg)
-    params = _unit_gain_params(model, 64)
-    inputs = _inputs(64, 2)
+    model, params, inputs = _model_and_inputs(cfg, 64, 2)
     ref = _logits(model, 64, params, inputs, cpu, "highest")
     return dict(cfg=cfg, model=model, params=params, inputs=inputs, ref=ref, accel=accel)
 
@@ -146,10 +149,7 @@ def test_tiny_default_precision_masks_agree(tiny, dtype):
 def test_official_swin_b_bert_base_highest_precision_matches_cpu():
     """Swin-B + BERT-base at 480×480, batch 1 (the CPU side takes seconds)."""
     accel, cpu = _devices()
-    cfg = presets.official_model_config(480)
-    model = build_model(cfg)
-    params = _unit_gain_params(model, 480)
-    inputs = _inputs(480, 1)
+    model, params, inputs = _model_and_inputs(presets.official_model_config(480), 480, 1)
     out = _logits(model, 480, params, inputs, accel, "highest")
     ref = _logits(model, 480, params, inputs, cpu, "highest")
     f = _report("official_480_f32_highest", ref, out, accel, precision="highest",

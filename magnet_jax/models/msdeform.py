@@ -16,7 +16,7 @@ import numpy as np
 
 from magnet_jax.models import ops
 from magnet_jax.models.layers import dense, layer_norm
-from magnet_jax.models.stacks import MIN_SCAN_STEPS, scan_layers
+from magnet_jax.models.stacks import scan_layers
 
 Dtype = Any
 xavier = nn.initializers.xavier_uniform()
@@ -143,6 +143,13 @@ class DeformableEncoder(nn.Module):
         return encoder(src, pos, refs)
 
 
+# Shallower encoders run unrolled: on the CPU the scanned 2-layer encoder of the CI-sized model
+# made its train step 1.3x slower (the sampling's scatter-add inside the loop) for no compile
+# gain, while scanning Swin-B's 6 layers takes its train step's compile from 131 s to 96 s
+# (docs/benchmarks.md, "Compile time").
+SCAN_MIN_LAYERS = 3
+
+
 class _EncoderStack(nn.Module):
     """The encoder layers; with `scan`, one lax.scan over them (models/stacks.py)."""
     num_layers: int
@@ -155,7 +162,7 @@ class _EncoderStack(nn.Module):
         self.layers = [layer_cls(**self.layer_kwargs) for _ in range(self.num_layers)]
 
     def __call__(self, src, pos, refs):
-        if not self.scan or self.num_layers < MIN_SCAN_STEPS or self.is_initializing():
+        if not self.scan or self.num_layers < SCAN_MIN_LAYERS or self.is_initializing():
             for layer in self.layers:
                 src = layer(src, pos, refs)
             return src

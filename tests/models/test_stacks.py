@@ -59,6 +59,7 @@ def _every_stack_config(scan: bool):
     cfg.swin.depths = (2, 2, 4, 2)                     # stage 3: two (plain, shifted) pairs
     cfg.bert.update(dict(num_layers=8, stage_ends=(2, 4, 6, 8)))   # two layers per stage
     cfg.decoder.num_layers = 6                         # two cycles over the 3 memory levels
+    cfg.pixel_decoder.num_layers = 3                   # msdeform.SCAN_MIN_LAYERS
     cfg.bert.update(dict(hidden_dropout=0.0, attention_dropout=0.0))
     cfg.swin.drop_path_rate = 0.0
     cfg.scan_layers = scan
