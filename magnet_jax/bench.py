@@ -69,8 +69,10 @@ def bench_forward(model_config, name: str, batch_size: int, iters: int, seed: in
     import jax
     import jax.numpy as jnp
     import numpy as np
-    from magnet_jax.models import build_model, mask_logits_at, random_params
-    model = build_model(model_config)
+    from magnet_jax import methods
+    from magnet_jax.models import random_params
+    method = methods.method_of(model_config)
+    model = method.build_model(model_config)
     size = model_config.image_size
     if params is None:
         params = random_params(model, size, seed)
@@ -81,7 +83,7 @@ def bench_forward(model_config, name: str, batch_size: int, iters: int, seed: in
 
     @jax.jit
     def forward(params, image, ids, att):
-        return mask_logits_at(model.apply({"params": params}, image, ids, att), (size, size))
+        return method.infer(model, params, image, ids, att, (size, size))[0]
 
     start = time.perf_counter()
     compiled = forward.lower(params, image, ids, att).compile()
@@ -119,8 +121,9 @@ def _peak_flops(device) -> float | None:
     return None
 
 
-def train_batch(config, batch_size: int, seed: int) -> dict:
-    """A random training batch with every key the configured objectives read."""
+def train_batch(config, objective, batch_size: int, seed: int) -> dict:
+    """A random training batch with the keys the objective reads (the base keys, and the
+    masked-sentence keys of Mask Grounding)."""
     import numpy as np
     rng = np.random.default_rng(seed)
     size, n = config.model.image_size, config.model.max_tokens
@@ -131,9 +134,13 @@ def train_batch(config, batch_size: int, seed: int) -> dict:
     ids[:, 0] = 101
     targets = np.where((rng.random((batch_size, n)) < 0.15) & (att == 1), ids, -1).astype(np.int32)
     targets[:, 0] = -1
-    return dict(image=rng.standard_normal((batch_size, size, size, 3)).astype(np.float32),
-                mask=mask, ids=ids, att=att, weight=np.ones((batch_size,), np.float32),
-                mg_ids=np.where(targets >= 0, 103, ids).astype(np.int32), mg_targets=targets)
+    batch = dict(image=rng.standard_normal((batch_size, size, size, 3)).astype(np.float32),
+                 mask=mask, ids=ids, att=att, weight=np.ones((batch_size,), np.float32),
+                 mg_ids=np.where(targets >= 0, 103, ids).astype(np.int32), mg_targets=targets)
+    missing = [k for k in objective.batch_keys if k not in batch]
+    if missing:
+        raise ValueError(f"bench has no random batch arrays for {', '.join(missing)}")
+    return {k: batch[k] for k in objective.batch_keys}
 
 
 def bench_train(config, batch_size: int, iters: int, seed: int) -> dict:
@@ -143,21 +150,21 @@ def bench_train(config, batch_size: int, iters: int, seed: int) -> dict:
     from magnet_jax import sharding
     from magnet_jax.training import loop
     from magnet_jax.training.optimizer import make_optimizer
-    from magnet_jax.training.step import (BATCH_KEYS, MG_BATCH_KEYS, init_train_state,
-                                          jit_train_step, make_loss_fn, make_train_step)
+    from magnet_jax.training.step import init_train_state, jit_train_step, make_train_step
 
     config = _with_batch(config, batch_size)
     mesh = loop.make_run_mesh(config)
-    model_cfg, model, head = loop.model_from_config(config)
-    objectives = loop.objectives_from_config(config)
+    method, model_cfg, model = loop.model_from_config(config)
+    objective = loop.objective_from_config(config, method, model)
     opt_cfg = loop.optimizer_config(config, max(iters + 2, 10))
     size = int(model_cfg.image_size)
-    state, shardings, tx = init_train_state(model, head, lambda p: make_optimizer(p, opt_cfg),
-                                            size, seed, mesh, max_tokens=int(model_cfg.max_tokens))
-    keys = BATCH_KEYS + (MG_BATCH_KEYS if objectives.uses_mg else ())
-    host = train_batch(config, batch_size, seed)
-    batch = jax.device_put({k: host[k] for k in keys}, sharding.batch_sharding(mesh))
-    step = jit_train_step(make_train_step(make_loss_fn(model, head, objectives), tx, seed,
+    state, shardings, tx = init_train_state(model, objective.init_heads,
+                                            lambda p: make_optimizer(p, opt_cfg), size, seed, mesh,
+                                            max_tokens=int(model_cfg.max_tokens))
+    host = train_batch(config, objective, batch_size, seed)
+    batch = jax.device_put({k: host[k] for k in objective.batch_keys},
+                           sharding.batch_sharding(mesh))
+    step = jit_train_step(make_train_step(objective.loss_fn, tx, seed,
                                           config.train.accumulation_steps), shardings, mesh)
     start = time.perf_counter()
     compiled = step.lower(state, batch).compile()
@@ -176,9 +183,9 @@ def bench_train(config, batch_size: int, iters: int, seed: int) -> dict:
     step_s = float(np.median(times))
     device = jax.devices()[0]
     peak = _peak_flops(device)
-    result = dict(what="train", config=config.name, image_size=size, batch_size=batch_size,
-                  compute_dtype=config.train.compute_dtype, remat=bool(config.model.remat),
-                  mg=objectives.uses_mg, cal=objectives.uses_cal, iters=iters,
+    result = dict(what="train", config=config.name, method=method.name, image_size=size,
+                  batch_size=batch_size, compute_dtype=config.train.compute_dtype,
+                  remat=bool(config.model.remat), **objective.summary, iters=iters,
                   compile_s=round(compile_s, 2), step_s=round(step_s, 4),
                   steps_per_s=round(1 / step_s, 3), images_per_s=round(batch_size / step_s, 3),
                   step_tflops=round(flops / 1e12, 3), peak_memory_gb=_peak_memory_gb(),
@@ -240,14 +247,16 @@ def compile_forward(config, batch_size: int) -> dict:
     """Lower and compile the inference function (logits at input resolution) on shapes only."""
     import jax
     import jax.numpy as jnp
-    from magnet_jax.models import abstract_params, build_model, mask_logits_at
+    from magnet_jax import methods
+    from magnet_jax.models import abstract_params
     model_config = config.model
-    model = build_model(model_config)
+    method = methods.method_of(model_config)
+    model = method.build_model(model_config)
     size, n = int(model_config.image_size), int(model_config.max_tokens)
     params = abstract_params(model, size, n)
 
     def forward(params, image, ids, att):
-        return mask_logits_at(model.apply({"params": params}, image, ids, att), (size, size))
+        return method.infer(model, params, image, ids, att, (size, size))[0]
 
     args = (params, jax.ShapeDtypeStruct((batch_size, size, size, 3), jnp.float32),
             jax.ShapeDtypeStruct((batch_size, n), jnp.int32),
@@ -261,25 +270,23 @@ def compile_train_step(config, batch_size: int, seed: int = 0) -> dict:
     from magnet_jax import sharding
     from magnet_jax.training import loop
     from magnet_jax.training.optimizer import make_optimizer
-    from magnet_jax.training.step import (BATCH_KEYS, MG_BATCH_KEYS, abstract_train_state,
-                                          jit_train_step, make_loss_fn, make_train_step)
+    from magnet_jax.training.step import abstract_train_state, jit_train_step, make_train_step
     config = _with_batch(config, batch_size)
     mesh = loop.make_run_mesh(config)
-    model_cfg, model, head = loop.model_from_config(config)
-    objectives = loop.objectives_from_config(config)
+    method, model_cfg, model = loop.model_from_config(config)
+    objective = loop.objective_from_config(config, method, model)
     opt_cfg = loop.optimizer_config(config, 1000)
     _, state, shardings, tx = abstract_train_state(
-        model, head, lambda p: make_optimizer(p, opt_cfg), int(model_cfg.image_size), seed,
-        mesh, max_tokens=int(model_cfg.max_tokens))
-    keys = BATCH_KEYS + (MG_BATCH_KEYS if objectives.uses_mg else ())
-    host = train_batch(config, batch_size, seed)
+        model, objective.init_heads, lambda p: make_optimizer(p, opt_cfg),
+        int(model_cfg.image_size), seed, mesh, max_tokens=int(model_cfg.max_tokens))
+    host = train_batch(config, objective, batch_size, seed)
     batch_sharding = sharding.batch_sharding(mesh)
     batch = {k: jax.ShapeDtypeStruct(host[k].shape, host[k].dtype, sharding=batch_sharding)
-             for k in keys}
-    step = jit_train_step(make_train_step(make_loss_fn(model, head, objectives), tx, seed,
+             for k in objective.batch_keys}
+    step = jit_train_step(make_train_step(objective.loss_fn, tx, seed,
                                           config.train.accumulation_steps), shardings, mesh)
     record = _compile_record(config, "train", batch_size)
-    record.update(mg=objectives.uses_mg, cal=objectives.uses_cal)
+    record.update(method=method.name, **objective.summary)
     return dict(record, **_timed_compile(step, state, batch))
 
 
@@ -361,7 +368,7 @@ def main(argv):
         return 0
     if _CHECKPOINT.value:
         from magnet_jax import checkpoint_io
-        model_config, params = checkpoint_io.load_params(_CHECKPOINT.value)
+        model_config, params = checkpoint_io.load_params(_CHECKPOINT.value, expect_model=None)
         name = _CHECKPOINT.value
     elif _CONFIG.value is not None:
         model_config, params, name = _CONFIG.value.model, None, _CONFIG.value.name

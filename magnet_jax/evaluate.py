@@ -156,7 +156,7 @@ def evaluate(args) -> dict:
     from magnet_jax import restore, sharding
     from magnet_jax.data import records
     from magnet_jax.evaluation.evaluator import evaluate_split, make_eval_step
-    from magnet_jax.models import build_model
+    from magnet_jax.methods import method_of
 
     n = jax.device_count()
     if args.fsdp < 1 or n % args.fsdp:
@@ -171,9 +171,10 @@ def evaluate(args) -> dict:
     convention = args.convention or run.get("data", {}).get("convention", "official")
     out = Path(args.out) if args.out else _default_out(loaded, args.split, args.protocol)
 
-    model = build_model(loaded.config)
+    method = method_of(loaded.config)
+    model = method.build_model(loaded.config)
     params_sharding = jax.tree.map(lambda a: a.sharding, loaded.params)
-    eval_step = make_eval_step(model, params_sharding, mesh)
+    eval_step = make_eval_step(method, model, params_sharding, mesh)
     start = time.time()
     result = evaluate_split(
         eval_step, loaded.params, data_dir, args.split, image_size=int(loaded.config.image_size),
@@ -194,6 +195,7 @@ def evaluate(args) -> dict:
         "num_refs": int(meta.get("num_records", len(meta.get("ref_ids", [])))),
         "num_sentences": int(result.metrics["count"]),
         "num_empty_union": int(result.metrics["num_empty_union"]),
+        "method": str(loaded.config.name),
         "checkpoint": loaded.path, "checkpoint_kind": loaded.kind, "step": loaded.step,
         "matmul_precision": str(jax.config.jax_default_matmul_precision or "default"),
         "devices": n, "processes": jax.process_count(), "platform": jax.devices()[0].platform,

@@ -67,12 +67,12 @@ def _config_dict(model_config: Any) -> dict[str, Any]:
 
 def logits_function(model_config, image_size: int):
     """f(params, image, ids, att) -> (B, S, S) float32 logits, as the Predictor computes them."""
-    from magnet_jax.models import build_model, mask_logits_at  # pylint: disable=g-import-not-at-top
-    model = build_model(model_config)
+    from magnet_jax import methods  # pylint: disable=g-import-not-at-top
+    method = methods.method_of(model_config)
+    model = method.build_model(model_config)
 
     def logits(params, image, ids, att):
-        outputs = model.apply({"params": params}, image, ids, att, train=False)
-        return mask_logits_at(outputs, (image_size, image_size)).astype(jnp.float32)
+        return method.infer(model, params, image, ids, att, (image_size, image_size))[0]
 
     return logits
 
@@ -199,7 +199,7 @@ def main(argv=None) -> int:
     compilation_cache.enable()
     start = time.time()
     try:
-        model_config, params = checkpoint_io.load_params(args.checkpoint)
+        model_config, params = checkpoint_io.load_params(args.checkpoint, expect_model=None)
         exported = export_model(model_config, params, batch_size=args.batch_size,
                                 platforms=args.platforms, image_size=args.image_size)
         out = save_export(args.out, exported, params, model_config, overwrite=args.overwrite)

@@ -38,11 +38,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from magnet_jax import compilation_cache
+from magnet_jax import compilation_cache, methods
 from magnet_jax.data import images as image_io
 from magnet_jax.data.tokenizer import load_tokenizer
 from magnet_jax.evaluation.protocols import resize_logits
-from magnet_jax.models import build_model, mask_logits_at, random_params
+from magnet_jax.models import build_model, random_params
 from magnet_jax.models.presets import tiny_model_config
 
 log = logging.getLogger("magnet_jax.predict")
@@ -84,7 +84,8 @@ class Predictor:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.max_batch = int(max_batch)
-        self.model = build_model(model_config)
+        self.method = methods.method_of(model_config)
+        self.model = self.method.build_model(model_config)
         self.params = params
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(None)
         self._forward = jax.jit(self._logits)
@@ -101,9 +102,8 @@ class Predictor:
         return cls(loaded.config, loaded.params, load_tokenizer(tokenizer), image_size, max_batch)
 
     def _logits(self, params, image, ids, att):
-        outputs = self.model.apply({"params": params}, image, ids, att, train=False)
-        size = (self.image_size, self.image_size)
-        return mask_logits_at(outputs, size), outputs["pred_masks"][:, 0].astype(jnp.float32)
+        return self.method.infer(self.model, params, image, ids, att,
+                                 (self.image_size, self.image_size))
 
     def _run(self, pixels: np.ndarray, ids: np.ndarray, att: np.ndarray):
         """(N, S, S) input-size logits and (N, h, w) stride-4 logits, in bucketed batches."""

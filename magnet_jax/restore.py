@@ -25,8 +25,8 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
-from magnet_jax import checkpoint_io, sharding
-from magnet_jax.models import abstract_params, build_model
+from magnet_jax import checkpoint_io, methods, sharding
+from magnet_jax.models import abstract_params
 
 # A training workdir's layout (written by training.checkpointing, which imports these): kept
 # here so that inference reads workdirs without importing the training code and grain.
@@ -120,6 +120,15 @@ def _model_config(run_or_model: dict, dtype: str) -> ml_collections.ConfigDict:
     return cfg
 
 
+def _build_model(cfg: ml_collections.ConfigDict, path: Path):
+    """The stored config's method builds the model; an unknown one is a RestoreError."""
+    try:
+        return methods.build_model(cfg)
+    except methods.MethodError:
+        raise RestoreError(f"{path} holds a model {cfg.get('name')!r} that no method here "
+                           f"builds; known methods: {', '.join(methods.METHODS)}") from None
+
+
 def _placement_error(err: Exception, mesh) -> RestoreError:
     shape = dict(mesh.shape)
     return RestoreError(
@@ -133,7 +142,7 @@ def _restore_train_state(step_dir: Path, mesh, dtype: str) -> LoadedModel:
     if not isinstance(run.get("model"), dict) or "name" not in run["model"]:
         raise RestoreError(f"{step_dir}: the stored config has no model section")
     cfg = _model_config(run["model"], dtype)
-    model = build_model(cfg)
+    model = _build_model(cfg, step_dir)
     target = abstract_model_params(model, int(cfg.image_size), int(cfg.max_tokens), mesh)
     manager = ocp.CheckpointManager(
         step_dir.parent, options=ocp.CheckpointManagerOptions(read_only=True, create=False),
@@ -158,14 +167,14 @@ def _restore_train_state(step_dir: Path, mesh, dtype: str) -> LoadedModel:
 
 def _restore_params_dir(path: Path, mesh, dtype: str) -> LoadedModel:
     try:
-        cfg, record = checkpoint_io.read_config(str(path))
+        cfg, record = checkpoint_io.read_config(str(path), expect_model=None)
     except (checkpoint_io.CheckpointError, FileNotFoundError) as e:
         raise RestoreError(str(e)) from None
     cfg.dtype = dtype
-    model = build_model(cfg)
+    model = _build_model(cfg, path)
     target = abstract_model_params(model, int(cfg.image_size), int(cfg.max_tokens), mesh)
     try:
-        _, params = checkpoint_io.load_params(str(path), target)
+        _, params = checkpoint_io.load_params(str(path), target, expect_model=None)
     except checkpoint_io.CheckpointError as e:
         msg = str(e)
         if "shard" in msg.lower() or "divisible" in msg.lower():

@@ -284,6 +284,20 @@ _RELATIONS = {  # phrase -> holds(a, b, margin)
 }
 
 
+EXPRESSION_KINDS = ("attribute", "ordinal", "relation")
+
+
+def expression_kind(sentence: str) -> str:
+    """The kind of a synthetic expression ("attribute", "ordinal" or "relation"), read from
+    its words (raw or normalised): the relation phrases and the ordinal forms are disjoint."""
+    text = " " + " ".join(sentence.lower().replace(".", " ").split()) + " "
+    if any(f" {phrase} " in text for phrase in _RELATIONS):
+        return "relation"
+    if "most " in text or " from the " in text:
+        return "ordinal"
+    return "attribute"
+
+
 def _relation_exprs(objs, t, s: int) -> list[str]:
     out, m = [], 0.08 * s
     target = objs[t]

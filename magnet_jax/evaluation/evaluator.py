@@ -13,6 +13,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any, Callable
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,21 +22,21 @@ from magnet_jax import sharding
 from magnet_jax.data import pipeline, records
 from magnet_jax.evaluation import protocols
 from magnet_jax.evaluation.metrics import MetricAccumulator, intersection_union
-from magnet_jax.models.magnet import MagNet, mask_logits_at
+from magnet_jax.methods.base import Method
 
 EVAL_KEYS = ("image", "mask", "ids", "att", "weight")
 ROW_FIELDS = ("index", "ref_id", "sent_id", "intersection", "union")
 
 
-def make_eval_step(model: MagNet, params_sharding: Any, mesh) -> Callable:
+def make_eval_step(method: Method, model: nn.Module, params_sharding: Any, mesh) -> Callable:
     """jit (params, batch) -> (I, U, coarse logits): per-example I and U at the input size and
-    the (B, h, w) stride-4 mask logits, all sharded like the batch."""
+    the (B, h, w) stride-4 mask logits (the method's inference function), all sharded like the
+    batch."""
     def eval_step(params, batch):
-        out = model.apply({"params": params}, batch["image"], batch["ids"], batch["att"],
-                          train=False)
-        logits = mask_logits_at(out, batch["mask"].shape[1:])
+        logits, coarse = method.infer(model, params, batch["image"], batch["ids"], batch["att"],
+                                      batch["mask"].shape[1:])
         inter, union = intersection_union(logits, batch["mask"])
-        return inter, union, out["pred_masks"][:, 0].astype(jnp.float32)
+        return inter, union, coarse
 
     rows = sharding.batch_sharding(mesh)
     return jax.jit(eval_step, in_shardings=(params_sharding, rows), out_shardings=rows)

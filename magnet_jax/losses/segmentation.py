@@ -1,7 +1,7 @@
 """Segmentation loss of MagNet's one-query Mask2Former head (training_objectives.md §2).
 
 Two kinds, both with optional deep supervision over the 10 decoder predictions (final + 9 aux,
-equal weights, §2.3):
+equal weights, §2.3; other weights per prediction for cascades such as JMCELN's stages):
 
 - ``"bce_dice"`` (§2.1 B, the default):
   λ_bce · BCE + λ_dice · Dice [+ λ_cls · CE(class, object)].
@@ -97,6 +97,7 @@ def segmentation_loss(
     deep_supervision: bool = True,
     resolution: int | None = None,
     lavt_class_weights: Sequence[float] = (0.9, 1.1),
+    prediction_weights: Sequence[float] | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Segmentation loss summed over the supervised predictions (§2.1 A/B, defaults §2.3).
 
@@ -108,6 +109,8 @@ def segmentation_loss(
       own (H, W), i.e. 480 at 480 input: logits upsampled with align_corners=True, GT as
       evaluated. Another value r: logits resized to r × r with align_corners=True and the GT
       area-resampled to r × r (soft targets; the §2.3 "120" alternative).
+    prediction_weights: one weight per supervised prediction, earliest first and the final one
+      last (e.g. a cascade's increasing stage weights); None = all 1.
     Returns (loss scalar float32, metrics). Metrics hold the raw term values summed over the
     supervised predictions (before the λ weights) and the total "loss_seg"; kind "bce_dice"
     reports loss_bce, loss_dice, loss_cls; kind "lavt_ce" reports loss_ce, loss_cls.
@@ -124,25 +127,32 @@ def segmentation_loss(
 
     # Every supervised prediction in one batched computation (one copy in the graph, not 10).
     num = len(predictions)
+    if prediction_weights is None:
+        pw = jnp.ones((num,), jnp.float32)
+    elif len(prediction_weights) != num:
+        raise ValueError(f"{len(prediction_weights)} prediction weights for {num} supervised "
+                         "predictions")
+    else:
+        pw = jnp.asarray(prediction_weights, jnp.float32)
     masks = jnp.stack([pred["pred_masks"] for pred in predictions])        # (P, B, Q, h, w)
     logits = upsample_mask_logits(masks.reshape(-1, *masks.shape[2:]), size)
     logits = logits.reshape(num, -1, *size)                                  # (P, B, H, W)
     if kind == "bce_dice":
         bce = jax.vmap(lambda x: _safe_weighted_mean(bce_per_sample(x, targets), w))(logits)
         dice = jax.vmap(lambda x: _safe_weighted_mean(dice_per_sample(x, targets), w))(logits)
-        terms = {"loss_bce": jnp.sum(bce), "loss_dice": jnp.sum(dice)}
-        loss = jnp.sum(bce_weight * bce + dice_weight * dice)
+        terms = {"loss_bce": jnp.sum(pw * bce), "loss_dice": jnp.sum(pw * dice)}
+        loss = jnp.sum(pw * (bce_weight * bce + dice_weight * dice))
     else:
         # LAVT has no λ on its CE: the term enters with weight 1.
         ce = jax.vmap(lambda x: lavt_weighted_ce(x, targets, w, lavt_class_weights))(logits)
-        terms = {"loss_ce": jnp.sum(ce)}
-        loss = jnp.sum(ce)
+        terms = {"loss_ce": jnp.sum(pw * ce)}
+        loss = jnp.sum(pw * ce)
     # class_weight is a Python float: the class term is not even traced when off.
     if class_weight > 0:
         classes = jnp.stack([pred["pred_logits"] for pred in predictions])
         cls = jax.vmap(lambda c: _safe_weighted_mean(class_ce_per_sample(c), w))(classes)
-        terms["loss_cls"] = jnp.sum(cls)
-        loss = loss + class_weight * jnp.sum(cls)
+        terms["loss_cls"] = jnp.sum(pw * cls)
+        loss = loss + class_weight * jnp.sum(pw * cls)
     else:
         terms["loss_cls"] = jnp.zeros((), jnp.float32)
     metrics = {**terms, "loss_seg": loss}

@@ -1,4 +1,6 @@
-"""Model registry: build a Linen module from the `model` section of a config."""
+"""The shared building blocks (Swin, BERT, fusion, the deformable pixel decoder, the
+Mask2Former decoder, the MagNet trunk) and model helpers; `build_model` goes through the method
+registry (magnet_jax.methods)."""
 
 from __future__ import annotations
 
@@ -14,7 +16,9 @@ from magnet_jax.models.presets import ADDED_MODEL_KEYS
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-def build_magnet(cfg: ml_collections.ConfigDict) -> MagNet:
+def trunk_kwargs(cfg: ml_collections.ConfigDict) -> dict:
+    """The MagNet trunk's constructor arguments (image and language models, their fusion, the
+    pixel decoder) from a `model` config section: shared by every method built on the trunk."""
     if cfg.dtype not in DTYPES:
         raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {cfg.dtype!r}")
     swin, bert, fusion = cfg.swin, cfg.bert, cfg.fusion
@@ -45,30 +49,35 @@ def build_magnet(cfg: ml_collections.ConfigDict) -> MagNet:
                            attention_dropout=bert.attention_dropout, remat=cfg.remat, scan=scan,
                            res_gate_init=fusion.get(
                                "lang_gate_init", ADDED_MODEL_KEYS["fusion.lang_gate_init"]))
-    pd, dec = cfg.pixel_decoder, cfg.decoder
+    pd = cfg.pixel_decoder
     pixel_kwargs = dict(conv_dim=pd.conv_dim, ffn_dim=pd.ffn_dim, num_layers=pd.num_layers,
                         num_heads=pd.num_heads, num_points=pd.num_points, remat=cfg.remat,
                         scan=scan)
+    return dict(image_model_kwargs=image_kwargs, language_model_kwargs=language_kwargs,
+                text_stage_ends=ends, lang_pwam_mask=fusion.lang_pwam_mask,
+                pixel_decoder_kwargs=pixel_kwargs, dtype=DTYPES[cfg.dtype])
+
+
+def build_magnet(cfg: ml_collections.ConfigDict) -> MagNet:
+    """MagNet (trunk + Mask2Former decoder) from a `model` config section."""
+    trunk = trunk_kwargs(cfg)
+    dec = cfg.decoder
     decoder_kwargs = dict(hidden_dim=dec.hidden_dim, num_heads=dec.num_heads,
                           num_layers=dec.num_layers, ffn_dim=dec.ffn_dim,
-                          num_queries=dec.num_queries, num_classes=dec.num_classes, scan=scan)
-    if pd.conv_dim != dec.hidden_dim:
-        raise ValueError(f"model.pixel_decoder.conv_dim ({pd.conv_dim}) must equal "
+                          num_queries=dec.num_queries, num_classes=dec.num_classes,
+                          scan=trunk["pixel_decoder_kwargs"]["scan"])
+    if cfg.pixel_decoder.conv_dim != dec.hidden_dim:
+        raise ValueError(f"model.pixel_decoder.conv_dim ({cfg.pixel_decoder.conv_dim}) must equal "
                          f"model.decoder.hidden_dim ({dec.hidden_dim})")
-    return MagNet(image_model_kwargs=image_kwargs, language_model_kwargs=language_kwargs,
-                  text_stage_ends=ends, lang_pwam_mask=fusion.lang_pwam_mask,
-                  pixel_decoder_kwargs=pixel_kwargs, decoder_kwargs=decoder_kwargs,
-                  training_heads=cfg.get("training_heads", False), dtype=DTYPES[cfg.dtype])
-
-
-MODELS = {"magnet": build_magnet}
+    return MagNet(**trunk, decoder_kwargs=decoder_kwargs,
+                  training_heads=cfg.get("training_heads", False))
 
 
 def build_model(cfg: ml_collections.ConfigDict):
-    """Build the Linen module named by cfg.name (the `model` config section)."""
-    if cfg.name not in MODELS:
-        raise ValueError(f"unknown model.name {cfg.name!r}; known: {sorted(MODELS)}")
-    return MODELS[cfg.name](cfg)
+    """The Linen module of the method named by cfg.name (the `model` config section), through
+    the method registry (magnet_jax.methods)."""
+    from magnet_jax import methods   # the methods import this package
+    return methods.build_model(cfg)
 
 
 def dummy_inputs(image_size: int, max_tokens: int = 20, batch: int = 1):
@@ -103,5 +112,5 @@ def random_params(model, image_size: int, seed: int = 0, max_tokens: int = 20):
     return jax.tree_util.tree_map_with_path(fill, abstract)
 
 
-__all__ = ["build_model", "MagNet", "mask_logits_at", "binary_mask", "abstract_params",
+__all__ = ["build_model", "build_magnet", "trunk_kwargs", "MagNet", "mask_logits_at", "binary_mask", "abstract_params",
            "init_params", "random_params", "dummy_inputs"]

@@ -204,6 +204,15 @@ class MagNet(nn.Module):
     dtype: Dtype = jnp.float32
 
     def setup(self):
+        self.setup_trunk()
+        self.predictor = MaskedAttentionDecoder(**(self.decoder_kwargs or {}), dtype=self.dtype)
+        if self.training_heads:
+            self.lang_proj = dense((self.decoder_kwargs or {}).get("hidden_dim", 256),
+                                   name="lang_proj", kernel_init=torch_default_kernel,
+                                   dtype=self.dtype)
+
+    def setup_trunk(self):
+        """The encoder and the pixel decoder: what methods built on the trunk share."""
         if self.lang_pwam_mask not in LANG_PWAM_MASKS:
             raise ValueError(f"model.fusion.lang_pwam_mask must be one of {LANG_PWAM_MASKS}, "
                              f"got {self.lang_pwam_mask!r}")
@@ -217,11 +226,6 @@ class MagNet(nn.Module):
         self.language_model = LanguageModel(**self.language_model_kwargs,
                                             num_fusions=num_fusions, dtype=self.dtype)
         self.pixel_decoder = PixelDecoder(**(self.pixel_decoder_kwargs or {}), dtype=self.dtype)
-        self.predictor = MaskedAttentionDecoder(**(self.decoder_kwargs or {}), dtype=self.dtype)
-        if self.training_heads:
-            self.lang_proj = dense((self.decoder_kwargs or {}).get("hidden_dim", 256),
-                                   name="lang_proj", kernel_init=torch_default_kernel,
-                                   dtype=self.dtype)
 
     def _masks(self, att):
         m01 = att.astype(jnp.float32)[..., None]                 # (B, N, 1)

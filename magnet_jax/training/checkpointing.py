@@ -83,6 +83,12 @@ def check_config(workdir: str | os.PathLike, config: Any, allow_change: bool = F
     path = Path(workdir) / RUN_CONFIG
     if path.exists():
         stored = json.loads(path.read_text())
+        stored_method = stored.get("model", {}).get("name", "magnet")
+        if stored_method != config.model.name:
+            # Not resumable even with allow_change: the parameter trees differ.
+            raise CheckpointConfigError(
+                f"workdir {workdir} holds a {stored_method!r} run, but model.name is "
+                f"{config.model.name!r}; use another --workdir")
         diffs = config_differences(stored, config)
         if diffs and not allow_change:
             raise CheckpointConfigError(

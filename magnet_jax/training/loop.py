@@ -33,16 +33,13 @@ import numpy as np
 
 from magnet_jax import compilation_cache, sharding
 from magnet_jax.data import pipeline, records
-from magnet_jax.data.token_masking import MaskTokens
 from magnet_jax.data.transforms import Augment
-from magnet_jax.models import build_model
-from magnet_jax.models.heads.mask_grounding import MaskGroundingHead
+from magnet_jax import methods
+from magnet_jax.methods import Method, Objective
 from magnet_jax.training import checkpointing
 from magnet_jax.evaluation.evaluator import evaluate_split, make_eval_step
 from magnet_jax.training.optimizer import as_optimizer_config, make_optimizer
-from magnet_jax.training.step import (BATCH_KEYS, MG_BATCH_KEYS, Objectives,
-                                      init_train_state, jit_train_step, make_loss_fn,
-                                      make_train_step, model_params)
+from magnet_jax.training.step import init_train_state, jit_train_step, make_train_step
 from magnet_jax.writers import MetricWriter
 
 log = logging.getLogger(__name__)
@@ -137,28 +134,23 @@ def make_run_mesh(config):
     return sharding.make_mesh(data, fsdp, devices)
 
 
-def model_from_config(config):
+def model_from_config(config) -> tuple[Method, Any, Any]:
+    """-> (the config's method, its model section with the compute dtype, the Linen module)."""
+    try:
+        method = methods.check_config(config)
+    except methods.MethodError as e:
+        raise ConfigError(str(e)) from None
     model_cfg = config.model.copy_and_resolve_references()
     if config.train.compute_dtype not in ("float32", "bfloat16"):
         raise ConfigError(f"train.compute_dtype must be float32 or bfloat16, got "
                           f"{config.train.compute_dtype!r}")
     model_cfg.dtype = config.train.compute_dtype
-    model = build_model(model_cfg)
-    head = None
-    if config.mg.weight > 0:
-        head = MaskGroundingHead(num_heads=config.mg.num_heads, intermediate=config.mg.intermediate,
-                                 depth=config.mg.depth, mask_encoder=config.mg.mask_encoder,
-                                 dropout=config.mg.dropout,
-                                 dtype=jnp.bfloat16 if model_cfg.dtype == "bfloat16" else jnp.float32)
-    return model_cfg, model, head
+    return method, model_cfg, method.build_model(model_cfg)
 
 
-def objectives_from_config(config) -> Objectives:
-    seg = dict(config.loss.to_dict())
-    cal = dict(config.cal.to_dict())
-    cal_weight = cal.pop("weight")
-    return Objectives(seg=seg, mg_weight=float(config.mg.weight), cal_weight=float(cal_weight),
-                      cal=cal, mg_max_predictions=int(config.mg.max_predictions))
+def objective_from_config(config, method: Method, model) -> Objective:
+    """The method's losses, heads and batch keys for this run's config."""
+    return method.make_objective(model, config)
 
 
 def optimizer_config(config, total_steps: int):
@@ -171,17 +163,12 @@ def optimizer_config(config, total_steps: int):
         raise ConfigError(f"optim: {e}") from None
 
 
-def train_iterator(config, data_dir: str, image_size: int):
-    mask_tokens = None
-    if config.mg.weight > 0:
-        mask_tokens = MaskTokens(p_select=config.mg.p_select, p_mask=config.mg.p_mask,
-                                 p_random=config.mg.p_random, min_selected=config.mg.min_selected,
-                                 vocab_size=config.model.bert.vocab_size)
+def train_iterator(config, data_dir: str, image_size: int, objective: Objective):
     ds = pipeline.train_dataset(data_dir, config.data.train_split, image_size=image_size,
                                 global_batch=config.train.global_batch_size,
                                 seed=config.data.seed, convention=config.data.convention,
                                 augment=Augment() if config.data.augment else None,
-                                sample=config.data.sample, mask_tokens=mask_tokens)
+                                sample=config.data.sample, **objective.data_kwargs)
     return pipeline.make_iterator(ds, config.data.num_workers, read_threads=config.data.read_threads,
                                   prefetch_buffer=config.data.prefetch)
 
@@ -193,7 +180,12 @@ def load_pretrained(config, params: dict, shardings: dict) -> dict:
     loaded: dict[str, Any] = {}
     if config.init.params:
         from magnet_jax.checkpoint_io import load_params
-        _, tree = load_params(config.init.params)
+        stored_cfg, tree = load_params(config.init.params, expect_model=None)
+        try:
+            methods.check_same_method(stored_cfg.get("name", "magnet"), config.model.name,
+                                      f"init.params {config.init.params}")
+        except methods.MethodError as e:
+            raise ConfigError(str(e)) from None
         loaded.update(flatten_tree(tree))
     if config.init.swin:
         from magnet_jax.weights.swin import import_swin
@@ -285,24 +277,23 @@ def train(config, workdir: str | os.PathLike, *, allow_config_change: bool = Fal
     data_dir = prepare_data(config, workdir)
     total_steps = num_train_steps(config, data_dir)
     mesh = make_run_mesh(config)
-    model_cfg, model, head = model_from_config(config)
+    method, model_cfg, model = model_from_config(config)
     image_size = int(model_cfg.image_size)
-    objectives = objectives_from_config(config)
+    objective = objective_from_config(config, method, model)
     opt_cfg = optimizer_config(config, total_steps)
     state, state_shardings, tx = init_train_state(
-        model, head, lambda p: make_optimizer(p, opt_cfg), image_size, config.seed, mesh,
-        max_tokens=int(model_cfg.max_tokens))
+        model, objective.init_heads, lambda p: make_optimizer(p, opt_cfg), image_size,
+        config.seed, mesh, max_tokens=int(model_cfg.max_tokens))
     train_step = jit_train_step(
-        make_train_step(make_loss_fn(model, head, objectives), tx, config.seed,
-                        config.train.accumulation_steps), state_shardings, mesh,
-        compiler_options=compiler_options)
-    model_param_shardings = model_params(state_shardings.params)
-    eval_step = make_eval_step(model, model_param_shardings, mesh)
+        make_train_step(objective.loss_fn, tx, config.seed, config.train.accumulation_steps),
+        state_shardings, mesh, compiler_options=compiler_options)
+    model_param_shardings = objective.model_params(state_shardings.params)
+    eval_step = make_eval_step(method, model, model_param_shardings, mesh)
 
     ckpt = checkpointing.TrainCheckpoints(
         workdir, max_to_keep=config.checkpoint.max_to_keep, keep_best=config.checkpoint.keep_best,
         best_metric=config.checkpoint.best_metric, async_save=config.checkpoint.async_save)
-    data_iter = train_iterator(config, data_dir, image_size)
+    data_iter = train_iterator(config, data_dir, image_size, objective)
     start = ckpt.latest_step()
     if start is not None:
         log.info("resuming from step %d in %s", start, ckpt.directory)
@@ -312,7 +303,7 @@ def train(config, workdir: str | os.PathLike, *, allow_config_change: bool = Fal
         state = state.replace(params=load_pretrained(config, state.params,
                                                      state_shardings.params))
     writer = MetricWriter(workdir)
-    keys = BATCH_KEYS + (MG_BATCH_KEYS if objectives.uses_mg else ())
+    keys = objective.batch_keys
     end = total_steps if stop_after_steps is None else min(total_steps, int(stop_after_steps))
     step = start
     stopped = "done"
@@ -327,7 +318,7 @@ def train(config, workdir: str | os.PathLike, *, allow_config_change: bool = Fal
 
     def run_eval(at_step: int) -> dict[str, float]:
         results: dict[str, float] = {}
-        params = model_params(state.params)
+        params = objective.model_params(state.params)
         for i, split in enumerate(config.data.eval_splits):
             r = evaluate_split(eval_step, params, data_dir, split, image_size=image_size,
                                global_batch=config.eval.batch_size, mesh=mesh,
@@ -405,7 +396,7 @@ def train(config, workdir: str | os.PathLike, *, allow_config_change: bool = Fal
     if stopped == "done" and step < total_steps:
         stopped = "paused"               # stop_after_steps
     if stopped == "done":
-        export_params(workdir, model_params(state.params), model_cfg)
+        export_params(workdir, objective.model_params(state.params), model_cfg)
     return RunResult(step=step, stopped=stopped, last_metrics=last_metrics,
                      eval_metrics=eval_metrics, seconds=time.time() - start_time)
 

@@ -195,3 +195,18 @@ def test_inspect_reads_synthetic_records(tmp_path, capsys):
     assert inspect_cli.main([str(tmp_path / "syn"), "--split", "val"]) == 0
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     assert len(lines) == 3 and all(line["mask_sum"] > 0 for line in lines)
+
+
+def test_expression_kind_names_the_generator_of_each_sentence():
+    seen = {kind: 0 for kind in synthetic.EXPRESSION_KINDS}
+    for i in range(60):
+        rng = np.random.default_rng([0, 7, i])
+        objs, t = synthetic._scene(rng, "train", SIZE)
+        for kind, exprs in (("attribute", synthetic._attribute_exprs(objs, t)),
+                            ("ordinal", synthetic._ordinal_exprs(objs, t, SIZE)),
+                            ("relation", synthetic._relation_exprs(objs, t, SIZE))):
+            for sentence in exprs:
+                assert synthetic.expression_kind(sentence) == kind, sentence
+                assert synthetic.expression_kind(sentence.capitalize() + ".") == kind
+                seen[kind] += 1
+    assert min(seen.values()) > 5, seen

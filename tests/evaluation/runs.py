@@ -15,8 +15,7 @@ from magnet_jax.training import loop
 from magnet_jax.training.checkpointing import TrainCheckpoints
 from magnet_jax.training.optimizer import make_optimizer
 from magnet_jax.models import abstract_params
-from magnet_jax.training.step import (MG_KEY, TrainState, _mg_head_inputs, init_train_state,
-                                      model_params)
+from magnet_jax.training.step import TrainState, init_train_state
 from tests.training.models import micro_model_config
 
 STEP = 3
@@ -40,19 +39,19 @@ def write_checkpoint(workdir: str | Path, data_dir: str | Path, fsdp: int = 1,
     params as NumPy."""
     config = micro_config(data_dir)
     mesh = sharding.make_mesh(-1, fsdp)
-    model_cfg, model, head = loop.model_from_config(config)
+    method, model_cfg, model = loop.model_from_config(config)
+    objective = loop.objective_from_config(config, method, model)
     opt_cfg = loop.optimizer_config(config, 10)
 
     def initial_state():
-        return init_train_state(model, head, lambda p: make_optimizer(p, opt_cfg),
+        return init_train_state(model, objective.init_heads, lambda p: make_optimizer(p, opt_cfg),
                                 int(model_cfg.image_size), seed, mesh)[0]
 
     if model_init:
         state = initial_state()
     else:     # the same tree from shapes alone, every leaf on the first device
         params = dict(abstract_params(model, int(model_cfg.image_size)))
-        params[MG_KEY] = jax.eval_shape(head.init, jax.random.key(0), *_mg_head_inputs(
-            model, int(model_cfg.image_size), int(model_cfg.max_tokens)))["params"]
+        params.update(jax.eval_shape(objective.init_heads, jax.random.key(0)))
         params = nn.unbox(params)
         abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
                               opt_state=jax.eval_shape(make_optimizer(params, opt_cfg).init,
@@ -62,7 +61,8 @@ def write_checkpoint(workdir: str | Path, data_dir: str | Path, fsdp: int = 1,
             lambda a: jnp.asarray((0.05 * rng.standard_normal(a.shape)).astype(a.dtype)),
             abstract)
     ckpt = TrainCheckpoints(workdir, async_save=False)
-    data_iter = loop.train_iterator(config, str(data_dir), int(model_cfg.image_size))
+    data_iter = loop.train_iterator(config, str(data_dir), int(model_cfg.image_size), objective)
     ckpt.save(STEP, state, data_iter, config, metrics={"val/oIoU": 0.25})
     ckpt.close()
-    return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), model_params(state.params))
+    params = objective.model_params(state.params)
+    return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), params)

@@ -137,7 +137,7 @@ def test_original_protocol_matches_torch_upsampling(fsdp_run, data_dir, tmp_path
     torch = pytest.importorskip("torch")
     from magnet_jax.data import pipeline
     from magnet_jax.evaluation.evaluator import EVAL_KEYS, make_eval_step
-    from magnet_jax.models import build_model
+    from magnet_jax.methods import method_of
 
     workdir, _, report_magnet = fsdp_run
     out = tmp_path / "original.json"
@@ -149,7 +149,8 @@ def test_original_protocol_matches_torch_upsampling(fsdp_run, data_dir, tmp_path
     # the mask decoded with PIL (official convention: count == 1).
     mesh = sharding.make_mesh(4, 2)
     loaded = restore.load_model(workdir, mesh)
-    step = make_eval_step(build_model(loaded.config),
+    method = method_of(loaded.config)
+    step = make_eval_step(method, method.build_model(loaded.config),
                           jax.tree.map(lambda a: a.sharding, loaded.params), mesh)
     source = records.RecordSource(data_dir, "val")
     ds = pipeline.eval_dataset(data_dir, "val", image_size=32, global_batch=8)

@@ -34,6 +34,11 @@ def tiny_config(**overrides):
     config.checkpoint.update(dict(every_steps=2, max_to_keep=2, async_save=True))
     config.mg.weight = 0.0
     config.cal.update(dict(weight=0.5, num_fg=8, num_bg=8))
+    return with_overrides(config, overrides)
+
+
+def with_overrides(config, overrides: dict):
+    """Set dotted keys ("train.num_steps": 4) of a config in place; returns it."""
     for key, value in overrides.items():
         node = config
         *path, last = key.split(".")

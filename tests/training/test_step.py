@@ -9,12 +9,13 @@ import pytest
 
 from magnet_jax import sharding
 from magnet_jax.models import build_model
-from magnet_jax.models.heads.mask_grounding import MaskGroundingHead
+from magnet_jax.methods.magnet.mask_grounding_head import MaskGroundingHead
 from magnet_jax.models.presets import tiny_model_config
 from magnet_jax.training.optimizer import make_optimizer
 from tests.training.models import micro_model_config
-from magnet_jax.training.step import (MG_KEY, Objectives, init_train_state, jit_train_step,
-                                      make_loss_fn, make_train_step)
+from magnet_jax.methods.magnet.objectives import (MG_KEY, Objectives, head_initializer,
+                                                  make_loss_fn)
+from magnet_jax.training.step import init_train_state, jit_train_step, make_train_step
 
 SIZE, BATCH = 32, 8
 OBJECTIVES = Objectives(seg=dict(deep_supervision=True), mg_weight=0.5, cal_weight=0.5,
@@ -47,12 +48,16 @@ def _model_and_head():
     return build_model(cfg), MaskGroundingHead(num_heads=2, intermediate=128, depth=1)
 
 
+def heads(model, head):
+    return head_initializer(model, head, SIZE, 20)
+
+
 def _run(mesh, steps=2):
     """`steps` SGD steps on one batch: SGD keeps parameter differences proportional to gradient
     differences (Adam's normalised first steps would turn rounding into ±lr)."""
     model, head = _model_and_head()
-    state, shardings, tx = init_train_state(model, head, lambda p: optax.sgd(1e-3), SIZE, seed=0,
-                                            mesh=mesh)
+    state, shardings, tx = init_train_state(model, heads(model, head), lambda p: optax.sgd(1e-3),
+                                            SIZE, seed=0, mesh=mesh)
     # Unoptimised XLA compiles faster; the numerics are the same float32 ops.
     step = jit_train_step(make_train_step(make_loss_fn(model, head, OBJECTIVES), tx, seed=0),
                           shardings, mesh, compiler_options={"xla_backend_optimization_level": 0})
@@ -103,7 +108,8 @@ def test_adamw_state_is_sharded_like_the_parameters():
     model, head = _model_and_head()
     mesh = sharding.make_mesh(4, 2)
     state, shardings, _ = init_train_state(
-        model, head, lambda p: make_optimizer(p, dict(total_steps=10)), SIZE, seed=0, mesh=mesh)
+        model, heads(model, head), lambda p: make_optimizer(p, dict(total_steps=10)), SIZE,
+        seed=0, mesh=mesh)
     kernel_spec = shardings.params["image_model"]["layers_0"]["blocks_0"]["mlp"]["fc1"]["kernel"].spec
     assert kernel_spec == jax.sharding.PartitionSpec("fsdp", None)
     specs = [s.spec for s in jax.tree.leaves(shardings.opt_state)]
@@ -155,12 +161,13 @@ jax.config.update("jax_cpu_collectives_implementation", "gloo")
 jax.distributed.initialize(sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
 import optax
 from magnet_jax import sharding
-from magnet_jax.training.step import init_train_state, jit_train_step, make_loss_fn, make_train_step
+from magnet_jax.methods.magnet.objectives import make_loss_fn
+from magnet_jax.training.step import init_train_state, jit_train_step, make_train_step
 from tests.training import test_step as t
 mesh = sharding.make_mesh(2, 2)                     # 4 devices over 2 processes
 model, head = t._model_and_head()
-state, shardings, tx = init_train_state(model, head, lambda p: optax.sgd(1e-3), t.SIZE, seed=0,
-                                        mesh=mesh)
+state, shardings, tx = init_train_state(model, t.heads(model, head), lambda p: optax.sgd(1e-3),
+                                        t.SIZE, seed=0, mesh=mesh)
 step = jit_train_step(make_train_step(make_loss_fn(model, head, t.OBJECTIVES), tx, seed=0),
                       shardings, mesh, compiler_options={"xla_backend_optimization_level": 0})
 half = t.BATCH // 2
@@ -198,8 +205,8 @@ def test_bf16_compute_keeps_float32_master_weights(single_device_run):
     model = build_model(cfg)
     head = MaskGroundingHead(num_heads=2, intermediate=128, depth=1, dtype=jax.numpy.bfloat16)
     mesh = sharding.make_mesh(1, 1, devices=jax.devices()[:1])
-    state, shardings, tx = init_train_state(model, head, lambda p: optax.sgd(1e-3), SIZE, seed=0,
-                                            mesh=mesh)
+    state, shardings, tx = init_train_state(model, heads(model, head), lambda p: optax.sgd(1e-3),
+                                            SIZE, seed=0, mesh=mesh)
     step = jit_train_step(make_train_step(make_loss_fn(model, head, OBJECTIVES), tx, seed=0),
                           shardings, mesh, compiler_options={"xla_backend_optimization_level": 0})
     state, metrics = step(state, jax.device_put(_batch(), sharding.batch_sharding(mesh)))

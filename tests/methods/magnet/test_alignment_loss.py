@@ -1,4 +1,4 @@
-"""magnet_jax.losses.alignment (training_objectives.md §5): P2T on a hand-computed case and
+"""magnet_jax.methods.magnet.alignment_loss (training_objectives.md §5): P2T on a hand-computed case and
 against NumPy, P2P against a NumPy transcription on fixed samples, label downsampling,
 sampling, skipped examples, finite gradients, and a toy problem on which both terms decrease."""
 
@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from magnet_jax.losses import alignment as al
+from magnet_jax.methods.magnet import alignment_loss as al
 
 # jit once per shape: eager op-by-op dispatch of these small graphs is slower than compiling.
 _cal = jax.jit(al.cal_loss, static_argnames=("p2t", "temperature", "w_p2t", "w_p2p", "num_fg",

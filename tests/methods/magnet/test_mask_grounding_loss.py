@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from magnet_jax.losses.mask_grounding import mask_grounding_loss
+from magnet_jax.methods.magnet.mask_grounding_loss import mask_grounding_loss
 
 
 def numpy_reference(logits, targets, weight):

@@ -10,8 +10,8 @@ import numpy as np
 import optax
 import pytest
 
-from magnet_jax.losses.mask_grounding import mask_grounding_loss
-from magnet_jax.models.heads.mask_grounding import MaskGroundingHead, mask_occupancy
+from magnet_jax.methods.magnet.mask_grounding_loss import mask_grounding_loss
+from magnet_jax.methods.magnet.mask_grounding_head import MaskGroundingHead, mask_occupancy
 
 B, N, CT, V, H, W, CV, HW = 2, 6, 32, 50, 3, 3, 24, 12
 
@@ -212,7 +212,7 @@ def test_head_memorises_a_fixed_batch():
 def test_positions_predict_only_the_selected_tokens():
     """With positions, the logits are exactly the full logits at those positions, and the
     gathered loss equals the full loss when no selection is dropped."""
-    from magnet_jax.training.step import selected_positions
+    from magnet_jax.methods.magnet.objectives import selected_positions
 
     head, inputs = tiny_head(), tiny_inputs()
     params = init(head, inputs)

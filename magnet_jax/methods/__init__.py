@@ -1,0 +1,71 @@
+"""The method registry: `model.name` in the config picks a method folder.
+
+Adding a method = its folder (with `METHOD` in its __init__.py), a config file in configs/ and
+one line in METHODS below (docs/methods.md).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import ml_collections
+
+from magnet_jax.methods.base import BASE_BATCH_KEYS, Method, Objective
+
+# model.name -> the module that defines METHOD (imported on first use).
+METHODS = {
+    "magnet": "magnet_jax.methods.magnet",
+    "jmceln": "magnet_jax.methods.jmceln",
+}
+
+
+class MethodError(ValueError):
+    """An unknown method, or a config or checkpoint that belongs to another method."""
+
+
+def get_method(name: str) -> Method:
+    if name not in METHODS:
+        raise MethodError(f"unknown model.name {name!r}; known methods: {', '.join(METHODS)}")
+    return importlib.import_module(METHODS[name]).METHOD
+
+
+def method_of(model_cfg) -> Method:
+    """The method of a `model` config section (a ConfigDict or a dict)."""
+    name = model_cfg.get("name") if hasattr(model_cfg, "get") else None
+    if name is None:
+        raise MethodError("the model config has no name; set model.name to one of "
+                          f"{', '.join(METHODS)}")
+    return get_method(name)
+
+
+def build_model(model_cfg: ml_collections.ConfigDict):
+    """The Linen module of the method named by model_cfg.name."""
+    return method_of(model_cfg).build_model(model_cfg)
+
+
+def check_config(config: ml_collections.ConfigDict) -> Method:
+    """The run config's method, after checking that no section of another method is set."""
+    method = method_of(config.model)
+    for other_name in METHODS:
+        if other_name == method.name:
+            continue
+        other = get_method(other_name)
+        for section in other.config_sections:
+            if section in config:
+                raise MethodError(f"config section {section!r} belongs to method {other_name!r}, "
+                                  f"but model.name is {method.name!r}")
+        for section in other.model_sections:
+            if section in config.model:
+                raise MethodError(f"config section 'model.{section}' belongs to method "
+                                  f"{other_name!r}, but model.name is {method.name!r}")
+    return method
+
+
+def check_same_method(found: str, expected: str, what: str) -> None:
+    """A checkpoint of one method given to another: one line naming both."""
+    if found != expected:
+        raise MethodError(f"{what} holds a {found!r} checkpoint, but model.name is {expected!r}")
+
+
+__all__ = ["METHODS", "Method", "Objective", "BASE_BATCH_KEYS", "MethodError", "get_method",
+           "method_of", "build_model", "check_config", "check_same_method"]

@@ -1,0 +1,73 @@
+"""The method interface: what a referring-segmentation method gives the framework.
+
+A method is one folder under `magnet_jax/methods/` whose `__init__.py` defines `METHOD`, a
+`Method`. Train, evaluate, predict, export, the Predictor, bench and restore reach the model,
+its losses and its inference only through it (docs/methods.md).
+
+Conventions every method keeps:
+- its Linen module is called as `apply(variables, image, ids, att, train=False)` with image
+  (B, S, S, 3) normalised, ids and att (B, N) int, and returns a dict whose `pred_masks`
+  (B, Q, S/4, S/4) holds the final mask logits in query 0 (the default `infer` reads it);
+- the train params are the model's params at the root plus one subtree per training-only
+  head, under the head's name; inference and checkpoints of the model use the root part.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from magnet_jax.models.magnet import mask_logits_at
+
+# The batch arrays every method receives (data/pipeline.py): image, GT mask, token ids, their
+# attention mask and the example weight (0 = padding).
+BASE_BATCH_KEYS = ("image", "mask", "ids", "att", "weight")
+
+
+def infer_from_pred_masks(model: nn.Module, params: Any, image: jax.Array, ids: jax.Array,
+                          att: jax.Array, size: tuple[int, int]) -> tuple[jax.Array, jax.Array]:
+    """-> ((B, *size) float32 mask logits, (B, S/4, S/4) float32 stride-4 logits): query 0 of
+    `pred_masks`, upsampled bilinearly with align_corners=True (the official evaluation)."""
+    outputs = model.apply({"params": params}, image, ids, att, train=False)
+    return mask_logits_at(outputs, size), outputs["pred_masks"][:, 0].astype(jnp.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    """A method's training objective for one run (built from the whole config)."""
+    # (params, batch, key) -> (scalar loss, metrics dict); params = model params + heads.
+    loss_fn: Callable[[Any, Mapping[str, jax.Array], jax.Array], tuple[jax.Array, dict]]
+    # The batch arrays loss_fn reads: BASE_BATCH_KEYS plus the method's own.
+    batch_keys: tuple[str, ...] = BASE_BATCH_KEYS
+    # The training-only heads' names (train-params keys) and key -> {name: boxed params}.
+    head_names: tuple[str, ...] = ()
+    init_heads: Callable[[jax.Array], dict] = lambda key: {}
+    # Extra keyword arguments of data.pipeline.train_dataset (e.g. the token masking of MG).
+    data_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    # What the bench and the logs report about this objective (e.g. which losses are on).
+    summary: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    def model_params(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        """The model part of a train-params tree: everything but the training-only heads."""
+        return {k: v for k, v in params.items() if k not in self.head_names}
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    name: str
+    description: str
+    # The `model` config section -> the Linen module (inference and training).
+    build_model: Callable[[ml_collections.ConfigDict], nn.Module]
+    # (model, the whole config) -> Objective.
+    make_objective: Callable[[nn.Module, ml_collections.ConfigDict], Objective]
+    # Top-level config sections and `model.<section>`s that only this method reads: another
+    # method's config holding them is an error (methods.check_config).
+    config_sections: tuple[str, ...] = ()
+    model_sections: tuple[str, ...] = ()
+    # (model, params, image, ids, att, size) -> (logits at size, stride-4 logits).
+    infer: Callable[..., tuple[jax.Array, jax.Array]] = infer_from_pred_masks

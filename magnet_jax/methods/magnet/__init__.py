@@ -1,0 +1,16 @@
+"""MagNet (Chng et al., CVPR 2024): the interleaved Swin/BERT encoder with the Mask2Former
+decoder (models/magnet.py, shared with the methods built on its trunk), trained with
+segmentation + Mask Grounding + cross-modal alignment (objectives.py)."""
+
+from magnet_jax.methods.base import Method
+from magnet_jax.methods.magnet.objectives import make_objective
+from magnet_jax.models import build_magnet
+
+METHOD = Method(
+    name="magnet",
+    description="MagNet: Mask Grounding and cross-modal alignment on the LAVT-style trunk",
+    build_model=build_magnet,
+    make_objective=make_objective,
+    config_sections=("mg", "cal"),
+    model_sections=("decoder",),
+)

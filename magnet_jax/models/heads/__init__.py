@@ -1,1 +1,0 @@
-"""Training-only heads: Mask Grounding predictor (mask_grounding.py), CAL projections."""
