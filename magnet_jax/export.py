@@ -1,4 +1,5 @@
-"""Export MagNet inference as StableHLO (`jax.export`) for serving without the model code.
+"""Export a method's inference (MagNet, JMCELN, ...) as StableHLO (`jax.export`) for serving
+without the model code.
 
     python -m magnet_jax.export --checkpoint DIR --out EXPORT_DIR \
         [--batch-size N] [--platforms cpu,cuda,tpu] [--image-size N] [--overwrite]

@@ -43,6 +43,10 @@ def micro_jmceln_config(data_dir: str = "", **overrides):
     return with_overrides(config, overrides)
 
 
+def one_device_mesh():
+    return sharding.make_mesh(1, 1, jax.devices()[:1])
+
+
 @pytest.fixture(scope="module")
 def fsdp_run(tmp_path_factory, shared_data):
     """STEPS steps of JMCELN on the 8 devices as a (4, 2) data × fsdp mesh."""
@@ -58,9 +62,10 @@ def test_trains_evaluates_and_exports_its_own_parameters(fsdp_run):
     losses = train_losses(workdir)
     assert sorted(losses) == list(range(1, STEPS + 1)) and all(np.isfinite(list(losses.values())))
     assert 0.0 <= result.eval_metrics["val/oIoU"] <= 1.0
-    loaded = restore.load_model(workdir / loop.PARAMS_DIR, sharding.make_mesh(1, 1, jax.devices()[:1]))
+    loaded = restore.load_model(workdir / loop.PARAMS_DIR, one_device_mesh())
     assert loaded.config.name == "jmceln"
-    assert {"image_model", "language_model", "pixel_decoder", "context_decoder"} == set(loaded.params)
+    assert set(loaded.params) == {"image_model", "language_model", "pixel_decoder",
+                                  "context_decoder"}
     assert "cross_attn_2" in loaded.params["context_decoder"]      # one layer per stage
 
 
@@ -111,7 +116,7 @@ def test_checkpoint_restores_on_another_mesh_and_evaluates_as_the_loop(fsdp_run,
 @pytest.mark.slow
 def test_export_gives_the_models_logits(fsdp_run):
     workdir, _ = fsdp_run
-    loaded = restore.load_model(workdir / loop.PARAMS_DIR, sharding.make_mesh(1, 1, jax.devices()[:1]))
+    loaded = restore.load_model(workdir / loop.PARAMS_DIR, one_device_mesh())
     method = methods.method_of(loaded.config)
     model = method.build_model(loaded.config)
     rng = np.random.default_rng(0)
@@ -147,7 +152,8 @@ def test_model_shapes_and_parameter_tree():
 def test_unknown_method_lists_the_known_ones():
     cfg = micro_jmceln_config().model
     cfg.name = "lavt"
-    with pytest.raises(ValueError, match=r"unknown model.name 'lavt'; known methods: magnet, jmceln"):
+    with pytest.raises(ValueError,
+                       match=r"unknown model.name 'lavt'; known methods: magnet, jmceln"):
         build_model(cfg)
 
 

@@ -1,4 +1,4 @@
-"""magnet_jax.methods.magnet.alignment_loss (training_objectives.md §5): P2T on a hand-computed case and
+"""methods/magnet/alignment_loss.py (training_objectives.md §5): P2T on a hand-computed case and
 against NumPy, P2P against a NumPy transcription on fixed samples, label downsampling,
 sampling, skipped examples, finite gradients, and a toy problem on which both terms decrease."""
 
