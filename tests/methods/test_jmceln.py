@@ -114,7 +114,7 @@ def test_checkpoint_restores_on_another_mesh_and_evaluates_as_the_loop(fsdp_run,
 
 
 @pytest.mark.slow
-def test_export_gives_the_models_logits(fsdp_run):
+def test_export_and_predictor_give_the_models_logits(fsdp_run):
     workdir, _ = fsdp_run
     loaded = restore.load_model(workdir / loop.PARAMS_DIR, one_device_mesh())
     method = methods.method_of(loaded.config)
@@ -129,6 +129,11 @@ def test_export_gives_the_models_logits(fsdp_run):
     served = exported.call(loaded.params, image, ids, att)
     np.testing.assert_allclose(np.asarray(served), np.asarray(direct), atol=1e-5)
     assert np.asarray(direct).std() > 0       # not a constant map
+    # The Predictor (predict's CLI and API) runs the same inference function.
+    from magnet_jax.predict import Predictor
+    predictor = Predictor(loaded.config, loaded.params, max_batch=2)
+    logits, _ = predictor._run(image, ids, att)
+    np.testing.assert_allclose(logits, np.asarray(direct), atol=1e-5)
 
 
 def test_model_shapes_and_parameter_tree():
