@@ -121,6 +121,14 @@ def _peak_flops(device) -> float | None:
     return None
 
 
+def _smallest_vocab(node) -> int:
+    """The smallest `vocab_size` in a model config (BERT's, CLIP's text tower's, ...)."""
+    if not isinstance(node, dict):
+        return 1 << 30
+    own = node.get("vocab_size", 1 << 30)
+    return min([int(own)] + [_smallest_vocab(v) for v in node.values()])
+
+
 def train_batch(config, objective, batch_size: int, seed: int) -> dict:
     """A random training batch with the keys the objective reads (the base keys, and the
     masked-sentence keys of Mask Grounding)."""
@@ -130,7 +138,9 @@ def train_batch(config, objective, batch_size: int, seed: int) -> dict:
     mask = np.zeros((batch_size, size, size), np.float32)
     mask[:, size // 4: size // 2, size // 3: 2 * size // 3] = 1
     att = (np.arange(n)[None] < rng.integers(4, n + 1, (batch_size, 1))).astype(np.int32)
-    ids = (rng.integers(1000, 2000, (batch_size, n)) * att).astype(np.int32)
+    vocab = _smallest_vocab(config.model.to_dict())
+    low, high = (1000, 2000) if vocab >= 2000 else (1, vocab - 1)   # ids every table holds
+    ids = (rng.integers(low, high, (batch_size, n)) * att).astype(np.int32)
     ids[:, 0] = 101
     targets = np.where((rng.random((batch_size, n)) < 0.15) & (att == 1), ids, -1).astype(np.int32)
     targets[:, 0] = -1

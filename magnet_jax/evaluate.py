@@ -180,14 +180,15 @@ def evaluate(args) -> dict:
         eval_step, loaded.params, data_dir, args.split, image_size=int(loaded.config.image_size),
         global_batch=batch, mesh=mesh, convention=convention, protocol=args.protocol,
         num_overlays=args.save_overlays, overlay_dir=out.with_suffix("").with_name(
-            out.stem + "-overlays"), collect_rows=True, progress=True)
+            out.stem + "-overlays"), collect_rows=True, progress=True,
+        tokenizer=method.text_tokenizer(loaded.config))
     seconds = time.time() - start
     meta = records.read_meta(data_dir, args.split)
     report = {
         "protocol": args.protocol,
         "protocol_description": PROTOCOL_TEXT[args.protocol],
         "gt_convention": convention,
-        "threshold": 0.5,
+        "threshold": float(loaded.config.get("mask_threshold", 0.5)),
         "image_size": int(loaded.config.image_size),
         "split_rule": "every sentence of every ref of the split, once",
         "data": str(Path(data_dir).absolute()),

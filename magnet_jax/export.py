@@ -119,16 +119,19 @@ def _metadata(exported: jax.export.Exported, model_config, num_params: int) -> d
     def spec(aval, note):
         return {"shape": _dims(aval.shape), "dtype": str(aval.dtype), "note": note}
 
+    from magnet_jax.methods import method_of
+    ids_note, tokenizer_note = method_of(model_config).text_notes or (IDS_NOTE, TOKENIZER_NOTE)
+
     return {
         "format": serving.FORMAT,
         "function": "logits = f(params, image, ids, att)",
-        "inputs": {"image": spec(image, IMAGE_NOTE), "ids": spec(ids, IDS_NOTE),
+        "inputs": {"image": spec(image, IMAGE_NOTE), "ids": spec(ids, ids_note),
                    "att": spec(att, ATT_NOTE)},
         "outputs": {"logits": spec(logits, LOGITS_NOTE)},
         "batch_size": None if jax.export.is_symbolic_dim(batch) else int(batch),
         "image_size": int(image.shape[1]),
         "max_tokens": int(ids.shape[1]),
-        "tokenizer": TOKENIZER_NOTE,
+        "tokenizer": tokenizer_note,
         "platforms": list(exported.platforms),
         "jax_version": jax.__version__,
         "calling_convention_version": exported.calling_convention_version,

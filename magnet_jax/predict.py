@@ -67,6 +67,15 @@ def bucket_size(n: int, max_batch: int) -> int:
     return min(size, max_batch)
 
 
+def text_tokenizer(model_config, path: str | None = None):
+    """The tokenizer of the method's text input: its own (e.g. CLIP's BPE, from `path` or the
+    config) or BERT's WordPiece (from `path` or the bundled vocabulary)."""
+    method = methods.method_of(model_config)
+    if method.make_tokenizer is not None:
+        return method.text_tokenizer(model_config, path)
+    return load_tokenizer(path)
+
+
 class Predictor:
     """Load a model once, predict many (image, sentence) pairs.
 
@@ -87,7 +96,7 @@ class Predictor:
         self.method = methods.method_of(model_config)
         self.model = self.method.build_model(model_config)
         self.params = params
-        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(None)
+        self.tokenizer = tokenizer if tokenizer is not None else text_tokenizer(model_config)
         self._forward = jax.jit(self._logits)
         self.compiled_batches: set[int] = set()
 
@@ -99,7 +108,8 @@ class Predictor:
         from magnet_jax import restore, sharding
         mesh = sharding.make_mesh(1, 1, devices=jax.devices()[:1])
         loaded = restore.load_model(directory, mesh, step=step)
-        return cls(loaded.config, loaded.params, load_tokenizer(tokenizer), image_size, max_batch)
+        return cls(loaded.config, loaded.params, text_tokenizer(loaded.config, tokenizer),
+                   image_size, max_batch)
 
     def _logits(self, params, image, ids, att):
         return self.method.infer(self.model, params, image, ids, att,
@@ -184,7 +194,9 @@ def _parse(argv):
     p.add_argument("--out-dir", help="folder / list / several sentences: masks, overlays and "
                    "predictions.jsonl")
     p.add_argument("--batch-size", type=int, default=8, help="largest compiled batch (default 8)")
-    p.add_argument("--tokenizer", help="vocab.txt or tokenizer directory (default: bundled)")
+    p.add_argument("--tokenizer", help="the text tokenizer: a BERT vocab.txt or tokenizer directory, "
+                   "or a CLIP directory / merges file for CLIP methods (default: bundled or the "
+                   "checkpoint config's)")
     p.add_argument("--image-size", type=int, help="square input size (default: checkpoint's)")
     args = p.parse_args(argv)
     if args.demo == bool(args.checkpoint):

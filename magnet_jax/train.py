@@ -50,21 +50,6 @@ def _all_keys(config, prefix: str = "") -> list[str]:
     return out
 
 
-def _owner_of(key: str, config) -> str | None:
-    """The other method whose config section holds `key` (e.g. mg.weight -> magnet), if any."""
-    from magnet_jax import methods
-
-    parts = key.split(".")
-    for name in methods.METHODS:
-        if name == config.model.get("name"):
-            continue
-        method = methods.get_method(name)
-        if parts[0] in method.config_sections or (
-                parts[0] == "model" and len(parts) > 1 and parts[1] in method.model_sections):
-            return name
-    return None
-
-
 def check_overrides(argv: list[str]) -> None:
     """Fail on an unknown --config.KEY before absl does, naming the nearest known key."""
     from ml_collections.config_flags import config_flags as cf  # the loader of the flag
@@ -87,7 +72,8 @@ def check_overrides(argv: list[str]) -> None:
     for arg in argv:
         m = re.match(r"--config\.([^=\s]+)", arg)
         if m and m.group(1) not in known:
-            owner = _owner_of(m.group(1), config)
+            from magnet_jax.methods import owner_of_key
+            owner = owner_of_key(m.group(1), config.model.get("name"))
             if owner is not None:
                 raise SystemExit(f"error: config key {m.group(1)!r} belongs to method {owner!r}, "
                                  f"but this config's model.name is {config.model.name!r}")

@@ -84,12 +84,13 @@ class SentenceSource:
 def train_dataset(out_dir: str | os.PathLike, split: str = "train", *, image_size: int,
                   global_batch: int, seed: int, convention: str = "official",
                   augment: Augment | None = None, sample: str = "ref",
-                  mask_tokens: MaskTokens | None = None,
+                  mask_tokens: MaskTokens | None = None, tokenizer: Any = None,
                   process_index: int | None = None,
                   process_count: int | None = None) -> grain.MapDataset:
     """Infinite training stream of per-process batches (dicts of stacked numpy arrays).
 
-    `mask_tokens` adds the Mask Grounding inputs `mg_ids`/`mg_targets` (token_masking.py).
+    `mask_tokens` adds the Mask Grounding inputs `mg_ids`/`mg_targets` (token_masking.py);
+    `tokenizer` (a method's own, e.g. CLIP's) re-encodes each sentence instead of the stored ids.
     """
     if sample not in SAMPLES:
         raise ValueError(f"unknown sample {sample!r}; expected one of {', '.join(SAMPLES)}")
@@ -102,7 +103,7 @@ def train_dataset(out_dir: str | os.PathLike, split: str = "train", *, image_siz
     else:
         ds = grain.MapDataset.source(SentenceSource(source)).seed(seed).shuffle().repeat(None)
         ds = ds[pi::pc]
-    prep = Preprocess(image_size, convention, augment)
+    prep = Preprocess(image_size, convention, augment, tokenizer)
     ds = ds.random_map(prep) if augment is not None else ds.map(prep)
     if mask_tokens is not None:
         # Seeded per element index of the repeated stream: deterministic per (seed, epoch, example).
@@ -115,7 +116,8 @@ def eval_num_batches(num_sentences: int, global_batch: int) -> int:
 
 
 def eval_dataset(out_dir: str | os.PathLike, split: str, *, image_size: int, global_batch: int,
-                 convention: str = "official", process_index: int | None = None,
+                 convention: str = "official", tokenizer: Any = None,
+                 process_index: int | None = None,
                  process_count: int | None = None) -> grain.MapDataset:
     """Finite evaluation batches: every sentence once, the last global batch padded (weight 0)."""
     pi, pc = _process(process_index, process_count)
@@ -126,7 +128,8 @@ def eval_dataset(out_dir: str | os.PathLike, split: str, *, image_size: int, glo
         raise ValueError(f"split {split!r} in {out_dir} has no sentences")
     padded = eval_num_batches(num, global_batch) * global_batch
     ds = grain.MapDataset.source(SentenceSource(source, padded))[pi::pc]
-    return ds.map(Preprocess(image_size, convention, None)).batch(batch, drop_remainder=True)
+    return ds.map(Preprocess(image_size, convention, None, tokenizer)).batch(
+        batch, drop_remainder=True)
 
 
 def make_iterator(ds: grain.MapDataset, num_workers: int = 0, *, read_threads: int = 2,

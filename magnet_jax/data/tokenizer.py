@@ -68,30 +68,12 @@ class TokenizedBatch:
     truncated: np.ndarray
 
 
-class Tokenizer:
-    """Host-side tokenizer producing fixed-length int32 arrays (static shapes for jit)."""
+class PaddedTokenizer:
+    """Host-side tokenizer producing fixed-length int32 arrays (static shapes for jit): the
+    shared encode / batch_encode over a transformers backend; subclasses pack one sequence."""
 
-    def __init__(self, backend, source: str, max_tokens: int = MAX_TOKENS):
-        if max_tokens < 2:
-            raise ValueError(f"max_tokens must be at least 2, got {max_tokens}")
-        self._tok = backend
-        self.source = source
-        self.max_tokens = int(max_tokens)
-        ids = {t: backend.convert_tokens_to_ids(t) for t in _SPECIAL_TOKENS}
-        unk = ids["[UNK]"]
-        missing = [t for t in _SPECIAL_TOKENS if ids[t] is None or (t != "[UNK]" and ids[t] == unk)]
-        if missing or len(backend) < 1000:
-            lacking = f", lacking {' '.join(missing)}" if missing else ""
-            raise ValueError(
-                f"not a BERT WordPiece vocabulary ({len(backend)} entries{lacking}): {source}"
-            )
-        if ids["[PAD]"] != PAD_ID:
-            raise ValueError(f"[PAD] must have id {PAD_ID}, has id {ids['[PAD]']}: {source}")
-        self.pad_id = PAD_ID
-        self.unk_id = unk
-        self.cls_id = ids["[CLS]"]
-        self.sep_id = ids["[SEP]"]
-        self.mask_id = ids["[MASK]"]
+    _tok: object
+    max_tokens: int
 
     @property
     def vocab_size(self) -> int:
@@ -134,6 +116,35 @@ class Tokenizer:
         if not texts:
             return []
         return self._tok(texts, add_special_tokens=True)["input_ids"]
+
+    def _pack(self, full: list[int], text: str, warn: bool) -> TokenizedText:
+        raise NotImplementedError
+
+
+class Tokenizer(PaddedTokenizer):
+    """BERT's WordPiece, packed as the module docstring says."""
+
+    def __init__(self, backend, source: str, max_tokens: int = MAX_TOKENS):
+        if max_tokens < 2:
+            raise ValueError(f"max_tokens must be at least 2, got {max_tokens}")
+        self._tok = backend
+        self.source = source
+        self.max_tokens = int(max_tokens)
+        ids = {t: backend.convert_tokens_to_ids(t) for t in _SPECIAL_TOKENS}
+        unk = ids["[UNK]"]
+        missing = [t for t in _SPECIAL_TOKENS if ids[t] is None or (t != "[UNK]" and ids[t] == unk)]
+        if missing or len(backend) < 1000:
+            lacking = f", lacking {' '.join(missing)}" if missing else ""
+            raise ValueError(
+                f"not a BERT WordPiece vocabulary ({len(backend)} entries{lacking}): {source}"
+            )
+        if ids["[PAD]"] != PAD_ID:
+            raise ValueError(f"[PAD] must have id {PAD_ID}, has id {ids['[PAD]']}: {source}")
+        self.pad_id = PAD_ID
+        self.unk_id = unk
+        self.cls_id = ids["[CLS]"]
+        self.sep_id = ids["[SEP]"]
+        self.mask_id = ids["[MASK]"]
 
     def _pack(self, full: list[int], text: str, warn: bool) -> TokenizedText:
         length = self.max_tokens

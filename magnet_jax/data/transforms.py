@@ -77,6 +77,9 @@ class Preprocess:
     image_size: int
     convention: str = "official"
     augment: Augment | None = None
+    # A method's own tokenizer (e.g. CLIP's BPE) re-encodes the raw sentence; None = the
+    # record's stored BERT ids.
+    tokenizer: Any = None
 
     def __post_init__(self):
         if self.image_size <= 0:
@@ -98,11 +101,16 @@ class Preprocess:
         image = preprocess_image(img, s)
         if self.augment is not None and rng is not None:
             image = _jitter(image, self.augment, rng)
+        if self.tokenizer is None:
+            ids, att = rec["input_ids"][j], rec["attention_mask"][j]
+        else:
+            tokens = self.tokenizer.encode(rec["raw"][j], warn=False)
+            ids, att = tokens.ids, tokens.attention_mask
         return {
             "image": image,
             "mask": np.asarray(mask.resize((s, s), Image.NEAREST), np.uint8),
-            "ids": np.asarray(rec["input_ids"][j], np.int32),
-            "att": np.asarray(rec["attention_mask"][j], np.int32),
+            "ids": np.asarray(ids, np.int32),
+            "att": np.asarray(att, np.int32),
             "ref_id": np.int32(rec["ref_id"]),
             "sent_id": np.int32(rec["sent_ids"][j]),
             "weight": np.float32(item["weight"]),

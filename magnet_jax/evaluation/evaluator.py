@@ -76,11 +76,16 @@ def evaluate_split(eval_step: Callable, params: Any, data_dir: str, split: str, 
                    image_size: int, global_batch: int, mesh, convention: str = "official",
                    protocol: str = "magnet", num_overlays: int = 0,
                    overlay_dir: str | Path | None = None, read_threads: int = 2,
-                   collect_rows: bool = False, progress: bool = False) -> SplitResult:
-    """Metrics of one split; the first `num_overlays` examples saved as PNG overlays."""
+                   collect_rows: bool = False, progress: bool = False,
+                   tokenizer: Any = None) -> SplitResult:
+    """Metrics of one split; the first `num_overlays` examples saved as PNG overlays.
+
+    tokenizer: the method's own text tokenizer (Method.text_tokenizer); None = stored BERT ids.
+    """
     protocols.check_protocol(protocol)
     ds = pipeline.eval_dataset(data_dir, split, image_size=image_size,
-                               global_batch=global_batch, convention=convention)
+                               global_batch=global_batch, convention=convention,
+                               tokenizer=tokenizer)
     by_ref = RecordsByRef(data_dir, split) if protocol == "original" else None
     acc = MetricAccumulator()
     kept: list[np.ndarray] = []
@@ -106,7 +111,7 @@ def evaluate_split(eval_step: Callable, params: Any, data_dir: str, split: str, 
                                   union, weight != 0], axis=1).astype(np.int32))
         if saved < num_overlays and overlay_dir is not None and jax.process_index() == 0:
             saved += _save_overlays(host_batch, coarse, weight, num_overlays - saved,
-                                    Path(overlay_dir), split)
+                                    Path(overlay_dir), split, tokenizer)
     rows = _gather_rows(kept) if collect_rows else None
     return SplitResult(acc.all_processes().result(), rows)
 
@@ -134,12 +139,13 @@ def _gather_rows(kept: list[np.ndarray]) -> dict[str, np.ndarray]:
     return {name: table[:, k] for k, name in enumerate(ROW_FIELDS)}
 
 
-def _save_overlays(host_batch, coarse, weight, limit: int, out_dir: Path, split: str) -> int:
+def _save_overlays(host_batch, coarse, weight, limit: int, out_dir: Path, split: str,
+                   text_tokenizer: Any = None) -> int:
     """Overlay PNGs (prediction and ground truth, at the input size) of this host's examples."""
     from magnet_jax.visualize import overlay_prediction
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer = _caption_tokenizer()
+    tokenizer = text_tokenizer if text_tokenizer is not None else _caption_tokenizer()
     size = host_batch["mask"].shape[1:]
     n = 0
     for i in range(len(coarse)):
@@ -166,6 +172,8 @@ def _sentence(tokenizer, ids, att) -> str:
     """The stored token ids back to text (WordPieces joined), for captions."""
     if tokenizer is None:
         return ""
+    if hasattr(tokenizer, "decode"):  # a method's own tokenizer (CLIP's BPE) decodes itself
+        return tokenizer.decode(ids, att)
     tokens = tokenizer.convert_ids_to_tokens([int(t) for t, a in zip(ids, att) if a])
     words: list[str] = []
     for t in tokens:

@@ -16,6 +16,7 @@ from magnet_jax.methods.base import BASE_BATCH_KEYS, Method, Objective
 METHODS = {
     "magnet": "magnet_jax.methods.magnet",
     "jmceln": "magnet_jax.methods.jmceln",
+    "cmmasksd": "magnet_jax.methods.cmmasksd",
 }
 
 
@@ -43,21 +44,29 @@ def build_model(model_cfg: ml_collections.ConfigDict):
     return method_of(model_cfg).build_model(model_cfg)
 
 
+def owner_of_key(key: str, current: str | None) -> str | None:
+    """The method other than `current` whose config section holds the dotted `key`
+    ("mg.weight" -> "magnet", "model.clip.tokenizer" -> "cmmasksd"), if any."""
+    parts = key.split(".")
+    for name in METHODS:
+        if name == current:
+            continue
+        other = get_method(name)
+        if parts[0] in other.config_sections or (
+                parts[0] == "model" and len(parts) > 1 and parts[1] in other.model_sections):
+            return name
+    return None
+
+
 def check_config(config: ml_collections.ConfigDict) -> Method:
     """The run config's method, after checking that no section of another method is set."""
     method = method_of(config.model)
-    for other_name in METHODS:
-        if other_name == method.name:
-            continue
-        other = get_method(other_name)
-        for section in other.config_sections:
-            if section in config:
-                raise MethodError(f"config section {section!r} belongs to method {other_name!r}, "
-                                  f"but model.name is {method.name!r}")
-        for section in other.model_sections:
-            if section in config.model:
-                raise MethodError(f"config section 'model.{section}' belongs to method "
-                                  f"{other_name!r}, but model.name is {method.name!r}")
+    sections = [s for s in config if s != "model"] + [f"model.{s}" for s in config.model]
+    for section in sections:
+        owner = owner_of_key(section, method.name)
+        if owner is not None:
+            raise MethodError(f"config section {section!r} belongs to method {owner!r}, "
+                              f"but model.name is {method.name!r}")
     return method
 
 
@@ -68,4 +77,4 @@ def check_same_method(found: str, expected: str, what: str) -> None:
 
 
 __all__ = ["METHODS", "Method", "Objective", "BASE_BATCH_KEYS", "MethodError", "get_method",
-           "method_of", "build_model", "check_config", "check_same_method"]
+           "method_of", "build_model", "check_config", "check_same_method", "owner_of_key"]

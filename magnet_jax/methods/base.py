@@ -71,3 +71,17 @@ class Method:
     model_sections: tuple[str, ...] = ()
     # (model, params, image, ids, att, size) -> (logits at size, stride-4 logits).
     infer: Callable[..., tuple[jax.Array, jax.Array]] = infer_from_pred_masks
+    # (model config, path or None) -> the host tokenizer of the text input (encode,
+    # batch_encode, decode); path None = the config's own. None = the records' stored BERT ids
+    # and the bundled BERT vocabulary (data/tokenizer.py).
+    make_tokenizer: Callable[..., Any] | None = None
+    # What an exported model's metadata says about its ids and tokenizer, when make_tokenizer
+    # is set: (ids note, tokenizer note).
+    text_notes: tuple[str, str] | None = None
+    # (the whole config) -> {top-level module name: params} from the method's own `init.*`
+    # weights (e.g. CLIP's), overlaid on the fresh params at the start of training.
+    import_pretrained: Callable[[ml_collections.ConfigDict], dict] | None = None
+
+    def text_tokenizer(self, model_cfg, path: str | None = None):
+        """The tokenizer of this method's text input; None when the records' ids are used."""
+        return None if self.make_tokenizer is None else self.make_tokenizer(model_cfg, path)

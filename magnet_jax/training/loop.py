@@ -163,12 +163,15 @@ def optimizer_config(config, total_steps: int):
         raise ConfigError(f"optim: {e}") from None
 
 
-def train_iterator(config, data_dir: str, image_size: int, objective: Objective):
+def train_iterator(config, data_dir: str, image_size: int, objective: Objective,
+                   tokenizer=None):
+    """tokenizer: the method's own (Method.text_tokenizer); None = the records' BERT ids."""
     ds = pipeline.train_dataset(data_dir, config.data.train_split, image_size=image_size,
                                 global_batch=config.train.global_batch_size,
                                 seed=config.data.seed, convention=config.data.convention,
                                 augment=Augment() if config.data.augment else None,
-                                sample=config.data.sample, **objective.data_kwargs)
+                                sample=config.data.sample, tokenizer=tokenizer,
+                                **objective.data_kwargs)
     return pipeline.make_iterator(ds, config.data.num_workers, read_threads=config.data.read_threads,
                                   prefetch_buffer=config.data.prefetch)
 
@@ -187,14 +190,17 @@ def load_pretrained(config, params: dict, shardings: dict) -> dict:
         except methods.MethodError as e:
             raise ConfigError(str(e)) from None
         loaded.update(flatten_tree(tree))
-    if config.init.swin:
+    if config.init.get("swin"):
         from magnet_jax.weights.swin import import_swin
         tree, _ = import_swin(config.init.swin)
         loaded.update(flatten_tree({"image_model": tree}))
-    if config.init.bert:
+    if config.init.get("bert"):
         from magnet_jax.weights.bert import import_bert
         tree, _ = import_bert(config.init.bert)
         loaded.update(flatten_tree({"language_model": tree}))
+    method = methods.method_of(config.model)
+    if method.import_pretrained is not None:
+        loaded.update(flatten_tree(method.import_pretrained(config)))
     if not loaded:
         return params
     flat = flatten_tree(params)
@@ -293,7 +299,8 @@ def train(config, workdir: str | os.PathLike, *, allow_config_change: bool = Fal
     ckpt = checkpointing.TrainCheckpoints(
         workdir, max_to_keep=config.checkpoint.max_to_keep, keep_best=config.checkpoint.keep_best,
         best_metric=config.checkpoint.best_metric, async_save=config.checkpoint.async_save)
-    data_iter = train_iterator(config, data_dir, image_size, objective)
+    tokenizer = method.text_tokenizer(model_cfg)
+    data_iter = train_iterator(config, data_dir, image_size, objective, tokenizer)
     start = ckpt.latest_step()
     if start is not None:
         log.info("resuming from step %d in %s", start, ckpt.directory)
@@ -324,7 +331,8 @@ def train(config, workdir: str | os.PathLike, *, allow_config_change: bool = Fal
                                global_batch=config.eval.batch_size, mesh=mesh,
                                convention=config.data.convention,
                                num_overlays=config.eval.num_overlays if i == 0 else 0,
-                               overlay_dir=workdir / "overlays" / f"step_{at_step:07d}").metrics
+                               overlay_dir=workdir / "overlays" / f"step_{at_step:07d}",
+                               tokenizer=tokenizer).metrics
             results.update({f"{split}/{k}": float(v) for k, v in r.items()})
         writer.write_scalars(at_step, results)
         _redraw_curves(workdir)

@@ -6,7 +6,8 @@
 - AdamW = `optax.adamw`: PyTorch's AdamW (bias correction, eps added to sqrt(v_hat), decoupled
   decay lr * wd * p).
 - Groups: "backbone" = the pretrained trunks (image_model/patch_embed, image_model/layers_s/
-  blocks_j, image_model/layers_s/downsample, language_model/embeddings, language_model/encoder),
+  blocks_j, image_model/layers_s/downsample, language_model/embeddings, language_model/encoder,
+  and the CLIP towers clip_vision/, clip_text/ of CLIP-based methods),
   "new" = everything else, "frozen" = BERT parameters that `text_trainable` leaves out.
   Frozen parameters get `optax.set_to_zero()`: no update and no weight decay, like parameters
   left out of a PyTorch optimiser; their gradients are also zeroed before clipping so they do
@@ -14,9 +15,11 @@
 - Decay mask "magnet_jax": no decay for norm scales/biases, every bias, relative-position tables,
   level/query embeddings and embedding tables. "lavt": LAVT's rule on the Swin trunk only (its
   norms and relative-position tables); every other parameter decays.
-- Schedule: optional linear warmup 0 -> lr over `warmup_steps`, then lr * (1 - t/T')^power to
-  `end_lr` over the remaining T' = total_steps - warmup_steps. Steps count optimiser updates
-  (with accumulation, one update per `accumulation_steps` calls).
+- Schedule: optional linear warmup 0 -> lr over `warmup_steps`, then "poly": lr * (1 -
+  t/T')^power to `end_lr` over the remaining T' = total_steps - warmup_steps, or "step": lr
+  multiplied by `step_factor` at each fraction of total_steps in `step_milestones` (CRIS: x 0.1
+  at epoch 35 of 50 = 0.7). Steps count optimiser updates (with accumulation, one update per
+  `accumulation_steps` calls).
 """
 
 from __future__ import annotations
@@ -30,6 +33,9 @@ import jax
 import optax
 
 WD_MASKS = ("magnet_jax", "lavt")
+SCHEDULES = ("poly", "step")
+# Pretrained towers of CLIP-based methods: their whole subtree is "backbone".
+_CLIP_TRUNKS = ("clip_vision", "clip_text")
 TEXT_TRAINABLE = ("lavt", "all", "none")
 BACKBONE, NEW, FROZEN = "backbone", "new", "frozen"
 
@@ -53,8 +59,11 @@ class OptimizerConfig:
     eps: float = 1e-8
     total_steps: int = 53_000           # optimiser updates, warmup included (RefCOCO: 40 x 1325)
     warmup_steps: int = 0               # linear 0 -> lr; 0 = LAVT's schedule
+    schedule: str = "poly"              # "poly" | "step"
     power: float = 0.9                  # poly decay exponent
     end_lr: float = 0.0
+    step_milestones: tuple[float, ...] = (0.7,)   # "step": fractions of total_steps
+    step_factor: float = 0.1            # "step": lr multiplier at each milestone
     clip_global_norm: float | None = None   # None or 0 = no clipping
     accumulation_steps: int = 1         # > 1 wraps the chain in optax.MultiSteps (mean grads)
     backbone_lr_mult: float = 1.0       # lr multiplier of the pretrained trunks
@@ -66,6 +75,12 @@ class OptimizerConfig:
         if self.wd_mask not in WD_MASKS:
             raise ValueError(f"unknown wd_mask {self.wd_mask!r}; expected one of "
                              f"{', '.join(WD_MASKS)}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {self.schedule!r}; expected one of "
+                             f"{', '.join(SCHEDULES)}")
+        if any(not 0 < m < 1 for m in self.step_milestones) or self.step_factor < 0:
+            raise ValueError(f"step_milestones must lie in (0, 1) and step_factor be >= 0, got "
+                             f"{tuple(self.step_milestones)} and {self.step_factor}")
         if self.text_trainable not in TEXT_TRAINABLE:
             raise ValueError(f"unknown text_trainable {self.text_trainable!r}; expected one of "
                              f"{', '.join(TEXT_TRAINABLE)}")
@@ -95,6 +110,8 @@ def as_optimizer_config(cfg: Any = None) -> OptimizerConfig:
             near = difflib.get_close_matches(key, names, n=1)
             hint = f"; did you mean {near[0]!r}?" if near else ""
             raise ValueError(f"unknown optimizer config key {key!r}{hint}")
+    if "step_milestones" in items:
+        items["step_milestones"] = tuple(float(m) for m in items["step_milestones"])
     return OptimizerConfig(**items)
 
 
@@ -107,6 +124,8 @@ def _names(path: tuple) -> tuple[str, ...]:
 
 
 def _is_backbone(p: tuple[str, ...]) -> bool:
+    if p and p[0] in _CLIP_TRUNKS:
+        return True
     if len(p) >= 2 and p[0] == "image_model":
         if p[1] == "patch_embed":
             return True
@@ -179,10 +198,15 @@ def param_labels(params: Any, text_trainable: str = "lavt",
 
 
 def make_schedule(cfg: Any = None) -> optax.Schedule:
-    """Linear warmup (optional) then polynomial decay to end_lr at total_steps."""
+    """Linear warmup (optional) then polynomial decay to end_lr at total_steps, or steps."""
     c = as_optimizer_config(cfg)
-    decay = optax.polynomial_schedule(init_value=c.lr, end_value=c.end_lr, power=c.power,
-                                      transition_steps=c.total_steps - c.warmup_steps)
+    if c.schedule == "step":
+        boundaries = {max(1, round(m * c.total_steps) - c.warmup_steps): c.step_factor
+                      for m in c.step_milestones}
+        decay = optax.piecewise_constant_schedule(c.lr, boundaries)
+    else:
+        decay = optax.polynomial_schedule(init_value=c.lr, end_value=c.end_lr, power=c.power,
+                                          transition_steps=c.total_steps - c.warmup_steps)
     if c.warmup_steps == 0:
         return decay
     warmup = optax.linear_schedule(0.0, c.lr, c.warmup_steps)

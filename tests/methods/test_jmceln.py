@@ -4,8 +4,6 @@ MagNet, on an 8-device fsdp mesh and on 1 device, and the errors for mixed-up me
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -18,8 +16,8 @@ from magnet_jax import export as export_lib
 from magnet_jax.checkpoint_io import save_params
 from magnet_jax.models import abstract_params, build_model, random_params
 from magnet_jax.training import checkpointing, loop
-from tests.evaluation.test_evaluate import one_device_env
-from tests.training.test_loop import (FAST, REPO, shared_data, train_losses,  # noqa: F401
+from tests.methods.runs import micro_run_settings, one_device_losses
+from tests.training.test_loop import (FAST, shared_data, train_losses,  # noqa: F401
                                       with_overrides)
 
 STEPS = 3
@@ -32,14 +30,7 @@ def micro_jmceln_config(data_dir: str = "", **overrides):
     config.model.swin.depths = (1, 1, 1, 1)
     config.model.pixel_decoder.num_layers = 1
     config.model.jmceln.update(dict(num_embeddings=4, ffn_dim=64))
-    config.data.dir = data_dir
-    config.data.synthetic.update(dict(num_train=24, num_val=6, num_heldout=0, image_size=32))
-    config.data.eval_splits = ("val",)
-    config.train.update(dict(global_batch_size=8, num_steps=STEPS, log_every_steps=1,
-                             progress_bar=False, mesh_fsdp=2))
-    config.optim.warmup_steps = 1
-    config.eval.update(dict(every_steps=0, batch_size=8, num_overlays=0, at_end=True))
-    config.checkpoint.update(dict(every_steps=0, max_to_keep=1, async_save=False))
+    micro_run_settings(config, data_dir, STEPS, num_overlays=0)
     return with_overrides(config, overrides)
 
 
@@ -73,23 +64,8 @@ def test_trains_evaluates_and_exports_its_own_parameters(fsdp_run):
 def test_one_device_run_gives_the_fsdp_losses(fsdp_run, shared_data, tmp_path):
     """The same config on 1 device (a fresh process) logs the 8-device run's losses."""
     workdir8, _ = fsdp_run
-    code = (
-        "import json, sys\n"
-        "import jax\n"
-        "jax.config.update('jax_default_matmul_precision', 'highest')   # as conftest.py\n"
-        "from magnet_jax.training import loop\n"
-        "from tests.methods.test_jmceln import micro_jmceln_config\n"
-        "from tests.training.test_loop import FAST, train_losses\n"
-        "from pathlib import Path\n"
-        "config = micro_jmceln_config(sys.argv[1], **{'train.mesh_fsdp': 1})\n"
-        "loop.train(config, sys.argv[2], compiler_options=FAST, stop_after_steps=2)\n"
-        "print('LOSSES', json.dumps(train_losses(Path(sys.argv[2]))))\n")
-    proc = subprocess.run([sys.executable, "-c", code, shared_data, str(tmp_path / "one")],
-                          env=one_device_env(), cwd=REPO, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    line = [l for l in proc.stdout.splitlines() if l.startswith("LOSSES ")][-1]
-    one = {int(k): v for k, v in json.loads(line[len("LOSSES "):]).items()}
+    one = one_device_losses("tests.methods.test_jmceln:micro_jmceln_config", shared_data,
+                            str(tmp_path / "one"))
     eight = train_losses(workdir8)
     assert sorted(one) == [1, 2]
     np.testing.assert_allclose([one[1], one[2]], [eight[1], eight[2]], rtol=1e-5)

@@ -227,3 +227,20 @@ def test_config_sources_and_errors():
         OptimizerConfig(text_trainable="some")
     with pytest.raises(ValueError, match="warmup_steps"):
         OptimizerConfig(total_steps=10, warmup_steps=10)
+
+
+def test_step_schedule_and_clip_towers_as_backbone():
+    """CRIS's recipe: lr x 0.1 at 70 % of the steps (after warmup); CLIP towers are trunks."""
+    from magnet_jax.training.optimizer import make_schedule, param_labels
+    sched = make_schedule(dict(lr=1e-4, schedule="step", total_steps=100, warmup_steps=10,
+                               step_milestones=(0.7,), step_factor=0.1))
+    assert [float(sched(s)) for s in (0, 10, 69)] == pytest.approx([0.0, 1e-4, 1e-4])
+    assert [float(sched(s)) for s in (70, 99)] == pytest.approx([1e-5, 1e-5])
+    with pytest.raises(ValueError, match="unknown schedule 'cosine'"):
+        make_schedule(dict(schedule="cosine"))
+    with pytest.raises(ValueError, match="step_milestones must lie in"):
+        make_schedule(dict(schedule="step", step_milestones=(1.5,)))
+    params = {"clip_vision": {"encoder": {"w": 0}}, "clip_text": {"w": 0}, "neck": {"w": 0}}
+    labels = param_labels(params, "all")
+    assert labels == {"clip_vision": {"encoder": {"w": "backbone"}},
+                      "clip_text": {"w": "backbone"}, "neck": {"w": "new"}}
