@@ -172,7 +172,8 @@ def test_the_branches_distil_into_shared_weights(micro_model):
     model, params, batch = micro_model
     key = jax.random.key(3)
     on = _objective(model)
-    (loss, metrics), grads = jax.value_and_grad(on.loss_fn, has_aux=True)(params, batch, key)
+    (loss, metrics), grads = jax.jit(jax.value_and_grad(on.loss_fn, has_aux=True))(
+        params, batch, key)
     assert {"loss_sd_vision", "loss_sd_language"} <= set(metrics)
     assert np.isfinite(float(loss)) and float(metrics["loss_sd_vision"]) > 0
     assert float(jnp.abs(grads["patch_mask_token"]).max()) > 0
@@ -180,7 +181,7 @@ def test_the_branches_distil_into_shared_weights(micro_model):
     np.testing.assert_allclose(loss, metrics["loss_seg"] + metrics["loss_sd_vision"]
                                + metrics["loss_sd_language"], rtol=1e-5)
     off = _objective(model, alpha=0.0, beta=0.0)
-    (_, metrics_off), grads_off = jax.value_and_grad(off.loss_fn, has_aux=True)(
+    (_, metrics_off), grads_off = jax.jit(jax.value_and_grad(off.loss_fn, has_aux=True))(
         params, batch, key)
     assert not {"loss_sd_vision", "loss_sd_language"} & set(metrics_off)
     assert not np.asarray(grads_off["patch_mask_token"]).any()
