@@ -146,6 +146,21 @@ class Tokenizer(PaddedTokenizer):
         self.sep_id = ids["[SEP]"]
         self.mask_id = ids["[MASK]"]
 
+    def decode(self, ids, att=None) -> str:
+        """Token ids (and their attention mask) back to the lower-cased sentence: word pieces
+        joined, special tokens dropped."""
+        ids = np.asarray(ids).reshape(-1)
+        kept = ids if att is None else ids[np.asarray(att).reshape(-1) != 0]
+        words: list[str] = []
+        for t in self.convert_ids_to_tokens(kept):
+            if t in ("[CLS]", "[SEP]", "[PAD]"):
+                continue
+            if t.startswith("##") and words:
+                words[-1] += t[2:]
+            else:
+                words.append(t)
+        return " ".join(words)
+
     def _pack(self, full: list[int], text: str, warn: bool) -> TokenizedText:
         length = self.max_tokens
         num_pieces = len(full) - 2

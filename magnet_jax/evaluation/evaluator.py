@@ -169,18 +169,5 @@ def _caption_tokenizer():
 
 
 def _sentence(tokenizer, ids, att) -> str:
-    """The stored token ids back to text (WordPieces joined), for captions."""
-    if tokenizer is None:
-        return ""
-    if hasattr(tokenizer, "decode"):  # a method's own tokenizer (CLIP's BPE) decodes itself
-        return tokenizer.decode(ids, att)
-    tokens = tokenizer.convert_ids_to_tokens([int(t) for t, a in zip(ids, att) if a])
-    words: list[str] = []
-    for t in tokens:
-        if t in ("[CLS]", "[SEP]", "[PAD]"):
-            continue
-        if t.startswith("##") and words:
-            words[-1] += t[2:]
-        else:
-            words.append(t)
-    return " ".join(words)
+    """The batch's token ids back to text, for captions ("" without a tokenizer)."""
+    return "" if tokenizer is None else tokenizer.decode(ids, att)

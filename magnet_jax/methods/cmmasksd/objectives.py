@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from magnet_jax.losses import segmentation_loss
+from magnet_jax.losses.segmentation import sigmoid_bce_with_logits
 from magnet_jax.methods.base import BASE_BATCH_KEYS, Objective
 from magnet_jax.methods.cmmasksd import masking
 
@@ -41,12 +42,11 @@ def distill_loss(student: jax.Array, teacher: jax.Array, weight: jax.Array,
     if kind == "mse":
         per_pixel = jnp.square(s - t)
     else:
-        # BCE with a soft target: -(p log σ(s) + (1 - p) log(1 - σ(s))), stable form.
-        per_pixel = jnp.maximum(s, 0) - s * p + jnp.log1p(jnp.exp(-jnp.abs(s)))
+        # BCE with a soft target p = σ(t).
+        per_pixel = sigmoid_bce_with_logits(s, p)
         if kind == "kl":
             # KL = BCE(p, σ(s)) - H(p): the same gradient, 0 when the maps agree.
-            entropy = jnp.maximum(t, 0) - t * p + jnp.log1p(jnp.exp(-jnp.abs(t)))
-            per_pixel = per_pixel - entropy
+            per_pixel = per_pixel - sigmoid_bce_with_logits(t, p)
     per_example = per_pixel.reshape(per_pixel.shape[0], -1).mean(axis=1)
     return (per_example * weight).sum() / jnp.maximum(weight.sum(), 1.0)
 
@@ -116,7 +116,7 @@ def make_objective(model, config: ml_collections.ConfigDict) -> Objective:
                 metrics[f"loss_sd_{name}"] = d
                 total = total + w * d
                 if gamma > 0:
-                    s, _ = seg_loss(pred, {"mask": batch["mask"], "weight": batch["weight"]})
+                    s, _ = seg_loss(pred, batch)
                     metrics[f"loss_seg_{name}"] = s
                     total = total + gamma * s
         metrics["loss"] = total
