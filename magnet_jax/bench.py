@@ -147,6 +147,12 @@ def train_batch(config, objective, batch_size: int, seed: int) -> dict:
     batch = dict(image=rng.standard_normal((batch_size, size, size, 3)).astype(np.float32),
                  mask=mask, ids=ids, att=att, weight=np.ones((batch_size,), np.float32),
                  mg_ids=np.where(targets >= 0, 103, ids).astype(np.int32), mg_targets=targets)
+    from magnet_jax.methods import method_of
+    for name, (shape, dtype) in method_of(config.model).extra_input_specs(
+            config.model, size).items():
+        # Random 0/1 masks and all-valid bits: the method's extra inputs at full use.
+        batch[name] = (rng.random((batch_size,) + tuple(shape)) < 0.3).astype(dtype) \
+            if len(shape) > 1 else np.ones((batch_size,) + tuple(shape), dtype)
     missing = [k for k in objective.batch_keys if k not in batch]
     if missing:
         raise ValueError(f"bench has no random batch arrays for {', '.join(missing)}")

@@ -174,14 +174,16 @@ def evaluate(args) -> dict:
     method = method_of(loaded.config)
     model = method.build_model(loaded.config)
     params_sharding = jax.tree.map(lambda a: a.sharding, loaded.params)
-    eval_step = make_eval_step(method, model, params_sharding, mesh)
+    extra_keys = tuple(method.extra_input_specs(loaded.config, int(loaded.config.image_size)))
+    eval_step = make_eval_step(method, model, params_sharding, mesh, extra_keys)
     start = time.time()
     result = evaluate_split(
         eval_step, loaded.params, data_dir, args.split, image_size=int(loaded.config.image_size),
         global_batch=batch, mesh=mesh, convention=convention, protocol=args.protocol,
         num_overlays=args.save_overlays, overlay_dir=out.with_suffix("").with_name(
             out.stem + "-overlays"), collect_rows=True, progress=True,
-        tokenizer=method.text_tokenizer(loaded.config))
+        tokenizer=method.text_tokenizer(loaded.config),
+        data_kwargs=method.data_kwargs(loaded.config), extra_keys=extra_keys)
     seconds = time.time() - start
     meta = records.read_meta(data_dir, args.split)
     report = {
@@ -189,6 +191,8 @@ def evaluate(args) -> dict:
         "protocol_description": PROTOCOL_TEXT[args.protocol],
         "gt_convention": convention,
         "threshold": float(loaded.config.get("mask_threshold", 0.5)),
+        # The method's own inputs from the records (e.g. MaIL's instance source): traceable.
+        "data_options": {k: repr(v) for k, v in method.data_kwargs(loaded.config).items()},
         "image_size": int(loaded.config.image_size),
         "split_rule": "every sentence of every ref of the split, once",
         "data": str(Path(data_dir).absolute()),

@@ -33,6 +33,11 @@ from magnet_jax.checkpoint_io import atomic_directory
 
 # jax.export lowering targets; any of them lowers on any machine (no device needed).
 EXPORT_PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
+EXTRA_INPUT_NOTES = {
+    "instance_masks": "uint8 0/1 instance masks resized (nearest) to S x S, best first, padded "
+                      "with empty masks.",
+    "instance_valid": "int32 1 for a real instance, 0 for padding.",
+}
 IMAGE_NOTE = ("RGB, resized to S x S with PIL bilinear, /255, normalised with the ImageNet mean "
               "(0.485, 0.456, 0.406) and std (0.229, 0.224, 0.225) "
               "(magnet_jax.data.images.preprocess_image)")
@@ -67,13 +72,16 @@ def _config_dict(model_config: Any) -> dict[str, Any]:
 
 
 def logits_function(model_config, image_size: int):
-    """f(params, image, ids, att) -> (B, S, S) float32 logits, as the Predictor computes them."""
+    """f(params, image, ids, att, *extra) -> (B, S, S) float32 logits, as the Predictor computes
+    them; extra = the method's extra inputs in Method.extra_input_specs order (none for most)."""
     from magnet_jax import methods  # pylint: disable=g-import-not-at-top
     method = methods.method_of(model_config)
     model = method.build_model(model_config)
+    names = tuple(method.extra_input_specs(model_config, image_size))
 
-    def logits(params, image, ids, att):
-        return method.infer(model, params, image, ids, att, (image_size, image_size))[0]
+    def logits(params, image, ids, att, *extra):
+        return method.infer(model, params, image, ids, att, (image_size, image_size),
+                            **dict(zip(names, extra)))[0]
 
     return logits
 
@@ -98,6 +106,10 @@ def export_model(model_config, params, *, batch_size: int | None = None,
     inputs_spec = (jax.ShapeDtypeStruct((batch, image_size, image_size, 3), jnp.float32),
                    jax.ShapeDtypeStruct((batch, max_tokens), jnp.int32),
                    jax.ShapeDtypeStruct((batch, max_tokens), jnp.int32))
+    from magnet_jax import methods  # pylint: disable=g-import-not-at-top
+    extra = methods.method_of(model_config).extra_input_specs(model_config, image_size)
+    inputs_spec += tuple(jax.ShapeDtypeStruct((batch,) + tuple(shape), dtype)
+                         for shape, dtype in extra.values())
     function = jax.jit(logits_function(model_config, image_size))
     platforms = tuple(platforms) if platforms else None
     unknown = sorted(set(platforms or ()) - set(EXPORT_PLATFORMS))
@@ -112,7 +124,8 @@ def _dims(shape) -> list:
 
 
 def _metadata(exported: jax.export.Exported, model_config, num_params: int) -> dict[str, Any]:
-    (_, image, ids, att), _ = jax.tree_util.tree_unflatten(exported.in_tree, exported.in_avals)
+    (_, image, ids, att, *extra), _ = jax.tree_util.tree_unflatten(exported.in_tree,
+                                                                    exported.in_avals)
     (logits,) = exported.out_avals
     batch = image.shape[0]
 
@@ -120,13 +133,19 @@ def _metadata(exported: jax.export.Exported, model_config, num_params: int) -> d
         return {"shape": _dims(aval.shape), "dtype": str(aval.dtype), "note": note}
 
     from magnet_jax.methods import method_of
-    ids_note, tokenizer_note = method_of(model_config).text_notes or (IDS_NOTE, TOKENIZER_NOTE)
+    method = method_of(model_config)
+    ids_note, tokenizer_note = method.text_notes or (IDS_NOTE, TOKENIZER_NOTE)
+    names = list(method.extra_input_specs(model_config, int(image.shape[1])))
+    inputs = {"image": spec(image, IMAGE_NOTE), "ids": spec(ids, ids_note),
+              "att": spec(att, ATT_NOTE)}
+    for name, aval in zip(names, extra):
+        inputs[name] = spec(aval, EXTRA_INPUT_NOTES.get(name, "") + " Absent: "
+                            + method.extra_inputs_note)
 
     return {
         "format": serving.FORMAT,
-        "function": "logits = f(params, image, ids, att)",
-        "inputs": {"image": spec(image, IMAGE_NOTE), "ids": spec(ids, ids_note),
-                   "att": spec(att, ATT_NOTE)},
+        "function": f"logits = f(params, {', '.join(inputs)})",
+        "inputs": inputs,
         "outputs": {"logits": spec(logits, LOGITS_NOTE)},
         "batch_size": None if jax.export.is_symbolic_dim(batch) else int(batch),
         "image_size": int(image.shape[1]),

@@ -99,6 +99,10 @@ class Predictor:
         self.tokenizer = tokenizer if tokenizer is not None else text_tokenizer(model_config)
         self._forward = jax.jit(self._logits)
         self.compiled_batches: set[int] = set()
+        # The method's optional inputs (e.g. MaIL's instance masks); absent ones are built by
+        # the method from None, with the effect `extra_inputs_note` describes.
+        self.extra_specs = self.method.extra_input_specs(model_config, self.image_size)
+        self._warned_absent = False
 
     @classmethod
     def from_checkpoint(cls, directory: str, tokenizer: str | None = None,
@@ -111,11 +115,23 @@ class Predictor:
         return cls(loaded.config, loaded.params, text_tokenizer(loaded.config, tokenizer),
                    image_size, max_batch)
 
-    def _logits(self, params, image, ids, att):
+    def _logits(self, params, image, ids, att, extra):
         return self.method.infer(self.model, params, image, ids, att,
-                                 (self.image_size, self.image_size))
+                                 (self.image_size, self.image_size), **extra)
 
-    def _run(self, pixels: np.ndarray, ids: np.ndarray, att: np.ndarray):
+    def extra_inputs(self, given=None) -> dict[str, np.ndarray]:
+        """One image's extra model inputs from what the caller gave (None = nothing)."""
+        if not self.extra_specs:
+            if given is not None:
+                raise ValueError(f"method {self.method.name!r} takes no instance masks")
+            return {}
+        if given is None and not self._warned_absent:
+            log.info("no instance masks given: %s", self.method.extra_inputs_note)
+            self._warned_absent = True
+        return self.method.host_extra_inputs(self.config, self.image_size, given)
+
+    def _run(self, pixels: np.ndarray, ids: np.ndarray, att: np.ndarray,
+             extra: dict[str, np.ndarray] | None = None):
         """(N, S, S) input-size logits and (N, h, w) stride-4 logits, in bucketed batches."""
         out_in, out_coarse = [], []
         for start in range(0, len(pixels), self.max_batch):
@@ -128,20 +144,32 @@ class Predictor:
                 return np.concatenate([x, np.repeat(x[-1:], pad, axis=0)]) if pad else x
 
             logits, coarse = self._forward(self.params, jnp.asarray(padded(pixels)),
-                                           jnp.asarray(padded(ids)), jnp.asarray(padded(att)))
+                                           jnp.asarray(padded(ids)), jnp.asarray(padded(att)),
+                                           {k: jnp.asarray(padded(v))
+                                            for k, v in (extra or {}).items()})
             self.compiled_batches.add(size)
             out_in.append(np.asarray(logits)[:stop - start])
             out_coarse.append(np.asarray(coarse)[:stop - start])
         return np.concatenate(out_in), np.concatenate(out_coarse)
 
     def predict_batch(self, items: Sequence[tuple]) -> list[list[Prediction]]:
-        """items: (image, sentence or list of sentences) pairs; image = a path or a PIL image.
-        Returns, per item, one Prediction per sentence."""
-        pils, pixels, rows, texts = [], [], [], []
-        for k, (image, sentences) in enumerate(items):
+        """items: (image, sentence or list of sentences) pairs, or triples whose third part
+        is the image's instance masks (methods with that input, e.g. MaIL: a sequence or
+        (N, H, W) array of masks at the image's size, best first; None = none). image = a path
+        or a PIL image. Returns, per item, one Prediction per sentence."""
+        pils, pixels, rows, texts, extras = [], [], [], [], []
+        for k, item in enumerate(items):
+            image, sentences = item[0], item[1]
+            given = item[2] if len(item) > 2 else None
             pil = image_io.load_image_rgb(image) if isinstance(image, (str, os.PathLike)) else image
             pils.append(pil)
             pixels.append(image_io.preprocess_image(pil, self.image_size))
+            if given is not None and self.extra_specs:
+                for i, m in enumerate(given):
+                    if np.shape(m) != (pil.height, pil.width):
+                        raise ValueError(f"item {k}: instance mask {i} is {np.shape(m)}, the "
+                                         f"image is {(pil.height, pil.width)} (H, W)")
+            extras.append(self.extra_inputs(given))
             sentences = [sentences] if isinstance(sentences, str) else list(sentences)
             if not sentences:
                 raise ValueError(f"item {k} has no sentence")
@@ -151,8 +179,10 @@ class Predictor:
             return []
         tokens = self.tokenizer.batch_encode(texts)
         image_of_row = np.asarray([k for k, _ in rows])
+        extra = {name: np.stack([e[name] for e in extras])[image_of_row]
+                 for name in self.extra_specs}
         logits_in, coarse = self._run(np.stack(pixels)[image_of_row], tokens.ids,
-                                      tokens.attention_mask)
+                                      tokens.attention_mask, extra)
         out: list[list[Prediction]] = [[] for _ in pils]
         for r, (k, _) in enumerate(rows):
             pil = pils[k]
@@ -164,9 +194,10 @@ class Predictor:
                                      score=score))
         return out
 
-    def predict(self, image, text: str | Sequence[str]):
-        """One image and one sentence -> Prediction; a list of sentences -> list of them."""
-        result = self.predict_batch([(image, text)])[0]
+    def predict(self, image, text: str | Sequence[str], instances=None):
+        """One image and one sentence -> Prediction; a list of sentences -> list of them.
+        instances: the image's instance masks for methods that take them (predict_batch)."""
+        result = self.predict_batch([(image, text, instances)])[0]
         return result[0] if isinstance(text, str) else result
 
 
@@ -198,6 +229,10 @@ def _parse(argv):
                    "or a CLIP directory / merges file for CLIP methods (default: bundled or the "
                    "checkpoint config's)")
     p.add_argument("--image-size", type=int, help="square input size (default: checkpoint's)")
+    p.add_argument("--instances", action="append",
+                   help="single image, methods with instance masks (MaIL): a PNG mask (repeat, "
+                        "best first) or a .npy of (N, H, W) masks at the image's size; without "
+                        "it such a method runs with no instance (see its note)")
     args = p.parse_args(argv)
     if args.demo == bool(args.checkpoint):
         p.error("give exactly one of --checkpoint DIR or --demo")
@@ -213,8 +248,28 @@ def _parse(argv):
         p.error("--out-dir is required for a folder, a list or several sentences")
     if not single and (args.out or args.overlay or args.save_logits):
         p.error("--out/--overlay/--save-logits are for one image and one sentence; use --out-dir")
+    if args.instances and not single:
+        p.error("--instances is for one image and one sentence")
     args.single = single
     return args
+
+
+def read_instances(paths: Sequence[str] | None) -> list[np.ndarray] | None:
+    """--instances files -> a list of (H, W) bool masks (None when no file is given)."""
+    if not paths:
+        return None
+    from PIL import Image
+    masks: list[np.ndarray] = []
+    for path in paths:
+        if str(path).endswith(".npy"):
+            array = np.load(path)
+            if array.ndim not in (2, 3):
+                raise ValueError(f"{path}: expected (H, W) or (N, H, W) masks, got {array.shape}")
+            masks.extend(list(array[None] if array.ndim == 2 else array))
+        else:
+            with Image.open(path) as im:
+                masks.append(np.asarray(im.convert("L")))
+    return [np.asarray(m) > 0 for m in masks]
 
 
 def read_list(path: str) -> list[tuple[Path, str]]:
@@ -308,7 +363,7 @@ def main(argv=None) -> int:
             return 0
         image_path, text = args.image, args.text[0]
         pil = image_io.load_image_rgb(image_path)
-        result = predictor.predict(pil, text)
+        result = predictor.predict(pil, text, instances=read_instances(args.instances))
     except (ValueError, FileNotFoundError, OSError, RestoreError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

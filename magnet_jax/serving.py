@@ -104,16 +104,20 @@ class ExportedModel:
     def __init__(self, exported: jax.export.Exported, params, metadata: dict[str, Any]):
         self.exported = exported
         self.metadata = metadata
-        (_, self._image_aval, self._ids_aval, _), _ = jax.tree_util.tree_unflatten(
+        (_, self._image_aval, self._ids_aval, _, *extra), _ = jax.tree_util.tree_unflatten(
             exported.in_tree, exported.in_avals)
+        # Extra inputs of some methods (e.g. MaIL's instance masks), in the metadata's order.
+        self.extra_names = list(metadata.get("inputs", {}))[3:3 + len(extra)]
+        self._extra_avals = extra
         self.image_size = int(self._image_aval.shape[1])
         self.max_tokens = int(self._ids_aval.shape[1])
         # On the device once: the params are the bulk of every call's arguments.
         self.params = jax.device_put(params)
         self._call = jax.jit(exported.call)
 
-    def __call__(self, image, ids, att) -> jax.Array:
-        """image float32 (B, S, S, 3) normalised; ids, att int32 (B, T) -> (B, S, S) float32."""
+    def __call__(self, image, ids, att, **extra) -> jax.Array:
+        """image float32 (B, S, S, 3) normalised; ids, att int32 (B, T) -> (B, S, S) float32.
+        `extra`: the method's extra inputs by name (metadata "inputs"), all required."""
         image = jnp.asarray(image, jnp.float32)
         ids = jnp.asarray(ids, jnp.int32)
         att = jnp.asarray(att, jnp.int32)
@@ -126,7 +130,14 @@ class ExportedModel:
         batch = self._image_aval.shape[0]
         if not jax.export.is_symbolic_dim(batch) and image.shape[0] != batch:
             raise ExportError(f"this export takes batches of exactly {batch}, got {image.shape[0]}")
-        return self._call(self.params, image, ids, att)
+        missing = [n for n in self.extra_names if n not in extra]
+        unknown = sorted(set(extra) - set(self.extra_names))
+        if missing or unknown:
+            raise ExportError(f"this export takes the extra inputs {self.extra_names}; missing "
+                              f"{missing}, unknown {unknown}")
+        args = [jnp.asarray(extra[n], aval.dtype) for n, aval in
+                zip(self.extra_names, self._extra_avals)]
+        return self._call(self.params, image, ids, att, *args)
 
 
 def load_export(directory: str | os.PathLike) -> ExportedModel:

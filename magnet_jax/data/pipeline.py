@@ -27,6 +27,7 @@ import grain
 import numpy as np
 
 from magnet_jax.data import records
+from magnet_jax.data.instances import InstanceSpec, check_split_has_instances
 from magnet_jax.data.token_masking import MaskTokens
 from magnet_jax.data.transforms import Augment, PickSentence, Preprocess
 
@@ -85,17 +86,21 @@ def train_dataset(out_dir: str | os.PathLike, split: str = "train", *, image_siz
                   global_batch: int, seed: int, convention: str = "official",
                   augment: Augment | None = None, sample: str = "ref",
                   mask_tokens: MaskTokens | None = None, tokenizer: Any = None,
-                  process_index: int | None = None,
+                  instances: InstanceSpec | None = None, process_index: int | None = None,
                   process_count: int | None = None) -> grain.MapDataset:
     """Infinite training stream of per-process batches (dicts of stacked numpy arrays).
 
     `mask_tokens` adds the Mask Grounding inputs `mg_ids`/`mg_targets` (token_masking.py);
     `tokenizer` (a method's own, e.g. CLIP's) re-encodes each sentence instead of the stored ids.
+    `instances` (MaIL) adds `instance_masks` (K, S, S) and `instance_valid` (K,); the split must
+    hold them (`instances.check_split_has_instances`).
     """
     if sample not in SAMPLES:
         raise ValueError(f"unknown sample {sample!r}; expected one of {', '.join(SAMPLES)}")
     pi, pc = _process(process_index, process_count)
     batch = _per_process_batch(global_batch, pc)
+    if instances is not None:
+        check_split_has_instances(out_dir, split, instances)
     source = records.RecordSource(out_dir, split)
     if sample == "ref":
         ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat(None)[pi::pc]
@@ -103,7 +108,7 @@ def train_dataset(out_dir: str | os.PathLike, split: str = "train", *, image_siz
     else:
         ds = grain.MapDataset.source(SentenceSource(source)).seed(seed).shuffle().repeat(None)
         ds = ds[pi::pc]
-    prep = Preprocess(image_size, convention, augment, tokenizer)
+    prep = Preprocess(image_size, convention, augment, tokenizer, instances)
     ds = ds.random_map(prep) if augment is not None else ds.map(prep)
     if mask_tokens is not None:
         # Seeded per element index of the repeated stream: deterministic per (seed, epoch, example).
@@ -117,18 +122,22 @@ def eval_num_batches(num_sentences: int, global_batch: int) -> int:
 
 def eval_dataset(out_dir: str | os.PathLike, split: str, *, image_size: int, global_batch: int,
                  convention: str = "official", tokenizer: Any = None,
-                 process_index: int | None = None,
+                 instances: InstanceSpec | None = None, process_index: int | None = None,
                  process_count: int | None = None) -> grain.MapDataset:
-    """Finite evaluation batches: every sentence once, the last global batch padded (weight 0)."""
+    """Finite evaluation batches: every sentence once, the last global batch padded (weight 0).
+
+    `instances` as for `train_dataset`."""
     pi, pc = _process(process_index, process_count)
     batch = _per_process_batch(global_batch, pc)
+    if instances is not None:
+        check_split_has_instances(out_dir, split, instances)
     source = records.RecordSource(out_dir, split)
     num = int(sum(source.meta["sentence_counts"]))
     if num == 0:
         raise ValueError(f"split {split!r} in {out_dir} has no sentences")
     padded = eval_num_batches(num, global_batch) * global_batch
     ds = grain.MapDataset.source(SentenceSource(source, padded))[pi::pc]
-    return ds.map(Preprocess(image_size, convention, None, tokenizer)).batch(
+    return ds.map(Preprocess(image_size, convention, None, tokenizer, instances)).batch(
         batch, drop_remainder=True)
 
 

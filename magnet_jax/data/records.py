@@ -69,6 +69,13 @@ OPTIONAL_FIELDS: dict[str, tuple[str, tuple]] = {
     "instance_category_names": ("strs", ("K",)),
     "instance_iscrowd": ("int8", ("K",)),
     "instance_count_pngs": ("bytes_list", ("K",)),
+    # Detector instances (`python -m magnet_jax.data.add_detections`, MaIL); D = the tool's
+    # --top-k: exactly D entries, sorted by score, padded with empty masks and valid 0. Each
+    # mask is a uint8 0/1 PNG at the record's native (height, width).
+    "det_mask_pngs": ("bytes_list", ("D",)),
+    "det_scores": ("float32", ("D",)),
+    "det_category_ids": ("int32", ("D",)),
+    "det_valid": ("int8", ("D",)),
 }
 
 MASK_CONVENTIONS = ("official", "union")

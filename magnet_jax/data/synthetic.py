@@ -22,7 +22,17 @@ Held-out split: the colour x shape pairs of HELDOUT_PAIRS never occur anywhere i
 (neither as target nor as distractor); in `heldout` every target is one of them.
 
 The mask is the visible part of the target, rasterised exactly with numpy (count PNG, 1 =
-foreground, the same for both mask conventions). Everything is drawn from
+foreground, the same for both mask conventions).
+
+Every record also carries the ground-truth instance fields of the converter's
+`--with-instances` (meta.json `with_instances: true`), so MaIL's instance-mask input
+(`instances.InstanceSpec(source="gt")`) runs on the default data: one instance per object of
+the scene, in drawing order, with its VISIBLE mask as a 0/1 count PNG; category id = shape
+index + 1 (as `category_id`), category name = the shape name (the colour is an attribute, not
+a category, as in COCO); iscrowd 0; ann id = the record's `ann_id` for the target and
+INSTANCE_ID_BASE + 10 * ann_id + object index for the others (unique over the dataset). They
+are computed from the scene without drawing random numbers, so images, masks and text are
+those of a dataset without them. Everything is drawn from
 `np.random.default_rng([seed, split, index])`, so the same seed gives byte-identical shards
 and examples do not depend on how many others are generated.
 """
@@ -64,6 +74,7 @@ _SPLIT_CODE = {"train": 0, "val": 1, "heldout": 2}
 _ID_STRIDE = 10**6
 _ORDINALS = ("first", "second", "third", "fourth")
 _MIN_VISIBLE = 0.6
+INSTANCE_ID_BASE = 10**9  # ann ids of the non-target instances (above every record id)
 
 
 @dataclasses.dataclass
@@ -405,12 +416,26 @@ def make_example(seed: int, split: str, index: int, image_size: int = 96, tokeni
             {"shape": o.shape, "colour": o.colour, "size": o.size, "cx": o.cx, "cy": o.cy, "r": o.r}
             for o in objs]},
     }
+    rec.update(_instance_fields(objs, t, ident))
     if tokenizer is not None:
         tok = tokenizer.batch_encode(raws, warn=False)
         rec["input_ids"] = tok.ids.astype(np.int32)
         rec["attention_mask"] = tok.attention_mask.astype(np.int8)
         rec["num_wordpieces"] = (tok.num_pieces + 2).astype(np.int32)
     return rec
+
+
+def _instance_fields(objs: list[_Object], t: int, ann_id: int) -> dict:
+    """The converter's --with-instances fields for every object of the scene (module docstring)."""
+    return {
+        "instance_ann_ids": np.asarray(
+            [ann_id if i == t else INSTANCE_ID_BASE + 10 * ann_id + i for i in range(len(objs))],
+            np.int64),
+        "instance_category_ids": np.asarray([SHAPES.index(o.shape) + 1 for o in objs], np.int32),
+        "instance_category_names": [o.shape for o in objs],
+        "instance_iscrowd": np.zeros((len(objs),), np.int8),
+        "instance_count_pngs": [_png(o.visible) for o in objs],
+    }
 
 
 def _stored(rec: dict) -> dict:
@@ -442,6 +467,9 @@ def generate(out_dir, num_train: int = 2000, num_val: int = 200, num_heldout: in
                       "max_tokens": records.MAX_TOKENS,
                       # The stored count map is 0/1 (the visible part of the target): both conventions agree.
                       "mask_convention": "official",
+                      # Every object's visible mask, category = shape (module docstring).
+                      "with_instances": True,
+                      "categories": [{"id": i + 1, "name": sh} for i, sh in enumerate(SHAPES)],
                       "heldout_pairs": sorted(map(list, HELDOUT_PAIRS)),
                       "counts": {"refs": n, "images": n, "sentences": None}})
         metas[split]["counts"]["sentences"] = sum(metas[split]["sentence_counts"])

@@ -12,6 +12,13 @@ All transforms are module-level, picklable classes (grain's worker processes are
     weight float32             1 for a real example, 0 for evaluation padding
     flipped bool               whether augmentation mirrored the example
 
+With `instances` (an `instances.InstanceSpec`, MaIL) two more entries:
+
+    instance_masks uint8 (K, S, S)  0/1 instance masks (`instances.instance_masks`), cropped and
+                                    flipped exactly as the image and mask, NEAREST resize
+    instance_valid int32 (K,)       1 for a real instance with at least one pixel left after
+                                    crop and resize; 0 for padding
+
 Augmentation (training only, off by default): a random crop of at least `min_scale` of each
 side, colour jitter, and a horizontal flip. The flip is skipped, never text-rewritten, when the
 sentence has a left/right word ("left", "right", "leftmost", "righthand", ...): rewriting
@@ -31,6 +38,7 @@ from PIL import Image
 
 from magnet_jax.data import records
 from magnet_jax.data.images import IMAGENET_MEAN, IMAGENET_STD, preprocess_image
+from magnet_jax.data.instances import InstanceSpec, instance_masks
 
 # Word starts: "left", "leftmost", "left-hand", "rightmost", "righthand"; not "bright".
 _LEFT_RIGHT = re.compile(r"\b(left|right)", re.IGNORECASE)
@@ -80,11 +88,16 @@ class Preprocess:
     # A method's own tokenizer (e.g. CLIP's BPE) re-encodes the raw sentence; None = the
     # record's stored BERT ids.
     tokenizer: Any = None
+    # MaIL's instance masks (module docstring); None = no instance entries.
+    instances: InstanceSpec | None = None
 
     def __post_init__(self):
         if self.image_size <= 0:
             raise ValueError(f"image_size must be positive, got {self.image_size}")
         records.mask_from_count(np.zeros((1, 1), np.uint8), self.convention)  # validates name
+        if self.instances is not None and not isinstance(self.instances, InstanceSpec):
+            raise TypeError(f"instances must be an InstanceSpec or None, got "
+                            f"{type(self.instances).__name__}")
 
     def __call__(self, item: dict[str, Any], rng: np.random.Generator | None = None) -> dict:
         rec, j = item["record"], int(item["sent_index"])
@@ -94,9 +107,14 @@ class Preprocess:
         if img.size != mask.size:
             raise ValueError(f"ref_id={rec['ref_id']}: image size {img.size} != mask size "
                              f"{mask.size}")
+        inst: list[Image.Image] = []
+        if self.instances is not None:
+            inst_masks, inst_valid = instance_masks(rec, self.instances)
+            inst = [Image.fromarray(m) for m in inst_masks]
         flipped = False
         if self.augment is not None and rng is not None:
-            img, mask, flipped = _geometry(img, mask, self.augment, rng, rec["raw"][j])
+            img, mask, flipped, inst = _geometry(img, mask, self.augment, rng, rec["raw"][j],
+                                                 inst)
         s = self.image_size
         image = preprocess_image(img, s)
         if self.augment is not None and rng is not None:
@@ -106,7 +124,7 @@ class Preprocess:
         else:
             tokens = self.tokenizer.encode(rec["raw"][j], warn=False)
             ids, att = tokens.ids, tokens.attention_mask
-        return {
+        out = {
             "image": image,
             "mask": np.asarray(mask.resize((s, s), Image.NEAREST), np.uint8),
             "ids": np.asarray(ids, np.int32),
@@ -116,10 +134,20 @@ class Preprocess:
             "weight": np.float32(item["weight"]),
             "flipped": np.bool_(flipped),
         }
+        if self.instances is not None:
+            small = np.stack([np.asarray(m.resize((s, s), Image.NEAREST), np.uint8)
+                              for m in inst])
+            out["instance_masks"] = small
+            out["instance_valid"] = (inst_valid.astype(bool)
+                                     & small.reshape(len(small), -1).any(axis=1)).astype(np.int32)
+        return out
 
 
 def _geometry(img: Image.Image, mask: Image.Image, aug: Augment, rng: np.random.Generator,
-              raw: str) -> tuple[Image.Image, Image.Image, bool]:
+              raw: str, extra: list[Image.Image] = ()
+              ) -> tuple[Image.Image, Image.Image, bool, list[Image.Image]]:
+    """Random crop and flip of the image, the mask and `extra` (same box, same flip)."""
+    extra = list(extra)
     w, h = img.size
     if aug.min_scale < 1:
         scale = rng.uniform(aug.min_scale, 1.0)
@@ -127,12 +155,14 @@ def _geometry(img: Image.Image, mask: Image.Image, aug: Augment, rng: np.random.
         x0, y0 = int(rng.integers(w - cw + 1)), int(rng.integers(h - ch + 1))
         box = (x0, y0, x0 + cw, y0 + ch)
         img, mask = img.crop(box), mask.crop(box)
+        extra = [m.crop(box) for m in extra]
     # Draw the coin even when the flip is skipped, so the rest of the stream does not shift.
     flip = rng.random() < aug.flip_prob and not has_left_right(raw)
     if flip:
         img = img.transpose(Image.FLIP_LEFT_RIGHT)
         mask = mask.transpose(Image.FLIP_LEFT_RIGHT)
-    return img, mask, flip
+        extra = [m.transpose(Image.FLIP_LEFT_RIGHT) for m in extra]
+    return img, mask, flip, extra
 
 
 def _jitter(image: np.ndarray, aug: Augment, rng: np.random.Generator) -> np.ndarray:

@@ -15,7 +15,6 @@ from typing import Any, Callable
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from magnet_jax import sharding
@@ -28,13 +27,16 @@ EVAL_KEYS = ("image", "mask", "ids", "att", "weight")
 ROW_FIELDS = ("index", "ref_id", "sent_id", "intersection", "union")
 
 
-def make_eval_step(method: Method, model: nn.Module, params_sharding: Any, mesh) -> Callable:
+def make_eval_step(method: Method, model: nn.Module, params_sharding: Any, mesh,
+                   extra_keys: tuple[str, ...] = ()) -> Callable:
     """jit (params, batch) -> (I, U, coarse logits): per-example I and U at the input size and
     the (B, h, w) stride-4 mask logits (the method's inference function), all sharded like the
-    batch."""
+    batch. `extra_keys`: the method's extra model inputs the batch carries
+    (Method.extra_input_specs)."""
     def eval_step(params, batch):
+        extra = {k: batch[k] for k in extra_keys}
         logits, coarse = method.infer(model, params, batch["image"], batch["ids"], batch["att"],
-                                      batch["mask"].shape[1:])
+                                      batch["mask"].shape[1:], **extra)
         inter, union = intersection_union(logits, batch["mask"])
         return inter, union, coarse
 
@@ -77,15 +79,19 @@ def evaluate_split(eval_step: Callable, params: Any, data_dir: str, split: str, 
                    protocol: str = "magnet", num_overlays: int = 0,
                    overlay_dir: str | Path | None = None, read_threads: int = 2,
                    collect_rows: bool = False, progress: bool = False,
-                   tokenizer: Any = None) -> SplitResult:
+                   tokenizer: Any = None, data_kwargs: dict | None = None,
+                   extra_keys: tuple[str, ...] = ()) -> SplitResult:
     """Metrics of one split; the first `num_overlays` examples saved as PNG overlays.
 
     tokenizer: the method's own text tokenizer (Method.text_tokenizer); None = stored BERT ids.
+    data_kwargs / extra_keys: the method's dataset options and the extra model inputs they add
+    to each batch (Method.data_kwargs, Method.extra_input_specs).
     """
     protocols.check_protocol(protocol)
     ds = pipeline.eval_dataset(data_dir, split, image_size=image_size,
                                global_batch=global_batch, convention=convention,
-                               tokenizer=tokenizer)
+                               tokenizer=tokenizer, **(data_kwargs or {}))
+    keys = EVAL_KEYS + tuple(extra_keys)
     by_ref = RecordsByRef(data_dir, split) if protocol == "original" else None
     acc = MetricAccumulator()
     kept: list[np.ndarray] = []
@@ -98,7 +104,7 @@ def evaluate_split(eval_step: Callable, params: Any, data_dir: str, split: str, 
         batches = tqdm(batches, total=len(ds), desc=f"{split} ({protocol})", unit="batch",
                        dynamic_ncols=True)
     for j, host_batch in enumerate(batches):
-        batch = pipeline.to_global({k: host_batch[k] for k in EVAL_KEYS}, mesh)
+        batch = pipeline.to_global({k: host_batch[k] for k in keys}, mesh)
         inter, union, coarse = (local_rows(a) for a in eval_step(params, batch))
         weight = host_batch["weight"]
         if by_ref is not None:

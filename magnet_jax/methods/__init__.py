@@ -17,6 +17,7 @@ METHODS = {
     "magnet": "magnet_jax.methods.magnet",
     "jmceln": "magnet_jax.methods.jmceln",
     "cmmasksd": "magnet_jax.methods.cmmasksd",
+    "mail": "magnet_jax.methods.mail",
 }
 
 

@@ -30,10 +30,12 @@ BASE_BATCH_KEYS = ("image", "mask", "ids", "att", "weight")
 
 
 def infer_from_pred_masks(model: nn.Module, params: Any, image: jax.Array, ids: jax.Array,
-                          att: jax.Array, size: tuple[int, int]) -> tuple[jax.Array, jax.Array]:
+                          att: jax.Array, size: tuple[int, int],
+                          **extra_inputs: jax.Array) -> tuple[jax.Array, jax.Array]:
     """-> ((B, *size) float32 mask logits, (B, S/4, S/4) float32 stride-4 logits): query 0 of
-    `pred_masks`, upsampled bilinearly with align_corners=True (the official evaluation)."""
-    outputs = model.apply({"params": params}, image, ids, att, train=False)
+    `pred_masks`, upsampled bilinearly with align_corners=True (the official evaluation).
+    `extra_inputs`: the method's optional model inputs (Method.extra_inputs), by keyword."""
+    outputs = model.apply({"params": params}, image, ids, att, train=False, **extra_inputs)
     return mask_logits_at(outputs, size), outputs["pred_masks"][:, 0].astype(jnp.float32)
 
 
@@ -69,8 +71,21 @@ class Method:
     # method's config holding them is an error (methods.check_config).
     config_sections: tuple[str, ...] = ()
     model_sections: tuple[str, ...] = ()
-    # (model, params, image, ids, att, size) -> (logits at size, stride-4 logits).
+    # (model, params, image, ids, att, size, **extra inputs) -> (logits at size, stride-4
+    # logits).
     infer: Callable[..., tuple[jax.Array, jax.Array]] = infer_from_pred_masks
+    # Optional model inputs beyond (image, ids, att), passed by keyword to the module and to
+    # `infer` (e.g. MaIL's instance masks): (model config, input size) -> {name: (shape
+    # without the batch, numpy dtype)}. The module must accept their absence (None): what it
+    # then does is `extra_inputs_note`. Batches of evaluate / train carry them under `name`.
+    extra_inputs: Callable[[Any, int], dict[str, tuple[tuple[int, ...], Any]]] | None = None
+    extra_inputs_note: str = ""
+    # (model config, input size, what the user gave or None) -> {name: one example's array}:
+    # the Predictor's conversion of user input (e.g. masks at the original image size).
+    host_extra_inputs: Callable[..., dict[str, Any]] | None = None
+    # (model config) -> keyword arguments of data.pipeline's train and eval datasets that
+    # produce the extra inputs (e.g. instances=InstanceSpec(...)).
+    dataset_kwargs: Callable[[Any], dict] | None = None
     # (model config, path or None) -> the host tokenizer of the text input (encode,
     # batch_encode, decode); path None = the config's own. None = the records' stored BERT ids
     # and the bundled BERT vocabulary (data/tokenizer.py).
@@ -81,6 +96,14 @@ class Method:
     # (the whole config) -> {top-level module name: params} from the method's own `init.*`
     # weights (e.g. CLIP's), overlaid on the fresh params at the start of training.
     import_pretrained: Callable[[ml_collections.ConfigDict], dict] | None = None
+
+    def extra_input_specs(self, model_cfg, size: int) -> dict[str, tuple[tuple[int, ...], Any]]:
+        """{name: (shape without batch, dtype)} of the optional model inputs; {} for none."""
+        return {} if self.extra_inputs is None else dict(self.extra_inputs(model_cfg, size))
+
+    def data_kwargs(self, model_cfg) -> dict:
+        """Keyword arguments of the train / eval datasets for this method's extra inputs."""
+        return {} if self.dataset_kwargs is None else dict(self.dataset_kwargs(model_cfg))
 
     def text_tokenizer(self, model_cfg, path: str | None = None):
         """The tokenizer of this method's text input; None when the records' ids are used."""

@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from magnet_jax import compilation_cache, sharding
@@ -294,7 +293,8 @@ def train(config, workdir: str | os.PathLike, *, allow_config_change: bool = Fal
         make_train_step(objective.loss_fn, tx, config.seed, config.train.accumulation_steps),
         state_shardings, mesh, compiler_options=compiler_options)
     model_param_shardings = objective.model_params(state_shardings.params)
-    eval_step = make_eval_step(method, model, model_param_shardings, mesh)
+    extra_keys = tuple(method.extra_input_specs(model_cfg, image_size))
+    eval_step = make_eval_step(method, model, model_param_shardings, mesh, extra_keys)
 
     ckpt = checkpointing.TrainCheckpoints(
         workdir, max_to_keep=config.checkpoint.max_to_keep, keep_best=config.checkpoint.keep_best,
@@ -332,7 +332,8 @@ def train(config, workdir: str | os.PathLike, *, allow_config_change: bool = Fal
                                convention=config.data.convention,
                                num_overlays=config.eval.num_overlays if i == 0 else 0,
                                overlay_dir=workdir / "overlays" / f"step_{at_step:07d}",
-                               tokenizer=tokenizer).metrics
+                               tokenizer=tokenizer, data_kwargs=method.data_kwargs(model_cfg),
+                               extra_keys=extra_keys).metrics
             results.update({f"{split}/{k}": float(v) for k, v in r.items()})
         writer.write_scalars(at_step, results)
         _redraw_curves(workdir)

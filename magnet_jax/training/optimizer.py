@@ -7,7 +7,8 @@
   decay lr * wd * p).
 - Groups: "backbone" = the pretrained trunks (image_model/patch_embed, image_model/layers_s/
   blocks_j, image_model/layers_s/downsample, language_model/embeddings, language_model/encoder,
-  and the CLIP towers clip_vision/, clip_text/ of CLIP-based methods),
+  the CLIP towers clip_vision/, clip_text/ of CLIP-based methods and the ViLT encoder vilt/
+  of MaIL),
   "new" = everything else, "frozen" = BERT parameters that `text_trainable` leaves out.
   Frozen parameters get `optax.set_to_zero()`: no update and no weight decay, like parameters
   left out of a PyTorch optimiser; their gradients are also zeroed before clipping so they do
@@ -34,8 +35,8 @@ import optax
 
 WD_MASKS = ("magnet_jax", "lavt")
 SCHEDULES = ("poly", "step")
-# Pretrained towers of CLIP-based methods: their whole subtree is "backbone".
-_CLIP_TRUNKS = ("clip_vision", "clip_text")
+# Pretrained towers of CLIP- and ViLT-based methods: their whole subtree is "backbone".
+_PRETRAINED_TOWERS = ("clip_vision", "clip_text", "vilt")
 TEXT_TRAINABLE = ("lavt", "all", "none")
 BACKBONE, NEW, FROZEN = "backbone", "new", "frozen"
 
@@ -124,7 +125,7 @@ def _names(path: tuple) -> tuple[str, ...]:
 
 
 def _is_backbone(p: tuple[str, ...]) -> bool:
-    if p and p[0] in _CLIP_TRUNKS:
+    if p and p[0] in _PRETRAINED_TOWERS:
         return True
     if len(p) >= 2 and p[0] == "image_model":
         if p[1] == "patch_embed":

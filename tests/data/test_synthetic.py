@@ -210,3 +210,33 @@ def test_expression_kind_names_the_generator_of_each_sentence():
                 assert synthetic.expression_kind(sentence.capitalize() + ".") == kind
                 seen[kind] += 1
     assert min(seen.values()) > 5, seen
+
+
+def test_instance_fields_are_every_visible_object(data_dir):
+    """--with-instances fields: one instance per object, the target's is the record's mask."""
+    for split in ("train", "val", "heldout"):
+        assert records.read_meta(data_dir, split)["with_instances"] is True
+    src = records.RecordSource(data_dir, "train")
+    all_ids = []
+    for i in range(len(src)):
+        rec = src[i]
+        n = len(rec["instance_count_pngs"])
+        assert 3 <= n <= 6
+        assert len(rec["instance_ann_ids"]) == len(rec["instance_category_ids"]) == n
+        assert rec["instance_category_names"] == [
+            synthetic.SHAPES[c - 1] for c in rec["instance_category_ids"]]
+        assert not rec["instance_iscrowd"].any()
+        ids = list(rec["instance_ann_ids"])
+        assert ids.count(rec["ann_id"]) == 1
+        all_ids += ids
+        t = ids.index(rec["ann_id"])
+        assert rec["instance_category_ids"][t] == rec["category_id"]
+        assert rec["instance_count_pngs"][t] == rec["mask_count_png"]
+        masks = [records.count_from_png(p) for p in rec["instance_count_pngs"]]
+        for m in masks:
+            assert m.shape == (SIZE, SIZE) and set(np.unique(m)) == {0, 1}
+        assert (np.sum(masks, axis=0) <= 1).all()  # visible parts do not overlap
+    assert len(set(all_ids)) == len(all_ids)  # unique over the split
+    ex = synthetic.make_example(0, "train", 3, SIZE)
+    objs = ex["synthetic"]["objects"]
+    assert ex["instance_category_names"] == [o["shape"] for o in objs]  # drawing order

@@ -42,24 +42,17 @@ import jax.numpy as jnp
 
 from magnet_jax.models.layers import dense, layer_norm, torch_default_kernel
 from magnet_jax.models import stacks
+from magnet_jax.models.conv_blocks import (NORM_EPS, ConvNormReLU, conv, group_norm,  # noqa: F401
+                                          num_norm_groups, resize_to)
 
 Dtype = Any
 
-NORM_EPS = 1e-5            # torch BatchNorm / GroupNorm / LayerNorm default
-MAX_NORM_GROUPS = 32
 POSITION_TEMPERATURE = 10000.0
 
 
 # --------------------------------------------------------------------------------------------
 # Helpers.
 # --------------------------------------------------------------------------------------------
-
-def num_norm_groups(channels: int, max_groups: int = MAX_NORM_GROUPS) -> int:
-    """The largest divisor of `channels` that is <= max_groups (GroupNorm's group count)."""
-    if channels < 1:
-        raise ValueError(f"GroupNorm needs at least one channel; got {channels}")
-    return max(g for g in range(1, min(channels, max_groups) + 1) if channels % g == 0)
-
 
 def _interleaved_sin_cos(positions: jax.Array, dim: int) -> jax.Array:
     """(N,) float32 positions -> (N, dim) [sin(p f_0), cos(p f_0), sin(p f_1), ...] with
@@ -89,19 +82,6 @@ def sine_position_2d(h: int, w: int, dim: int, dtype: Dtype = jnp.float32) -> ja
     pos = jnp.concatenate([jnp.broadcast_to(by_column[None], (h, w, half)),
                            jnp.broadcast_to(by_row[:, None], (h, w, half))], axis=-1)
     return pos.astype(dtype)
-
-
-def resize_to(x: jax.Array, size: tuple[int, int]) -> jax.Array:
-    """NHWC x -> spatial `size`. Exact halving is CRIS's 2×2 average pool; anything else is
-    bilinear (`jax.image.resize`: half-pixel centres, so an exact ×2 upsample equals CRIS's
-    F.interpolate(scale_factor=2, mode='bilinear'); downsampling is antialiased)."""
-    b, h, w, c = x.shape
-    th, tw = size
-    if (h, w) == (th, tw):
-        return x
-    if (h, w) == (2 * th, 2 * tw):
-        return x.reshape(b, th, 2, tw, 2, c).mean(axis=(2, 4))
-    return jax.image.resize(x, (b, th, tw, c), method="bilinear")
 
 
 def add_coordinates(x: jax.Array) -> jax.Array:
@@ -143,35 +123,6 @@ def dynamic_conv(features: jax.Array, kernels: jax.Array, biases: jax.Array) -> 
         for j in range(k):
             out = out + taps[:, i:i + h, j:j + w, i, j]
     return out
-
-
-def _conv(features: int, kernel_size: int, *, name: str, use_bias: bool, dtype: Dtype) -> nn.Conv:
-    """torch-initialised Conv2d with CRIS's padding (k // 2), kernel sharded on its output."""
-    pad = kernel_size // 2
-    return nn.Conv(features, (kernel_size, kernel_size), padding=((pad, pad), (pad, pad)),
-                   use_bias=use_bias, name=name, dtype=dtype, param_dtype=jnp.float32,
-                   kernel_init=nn.with_logical_partitioning(torch_default_kernel,
-                                                            (None, None, None, "embed")),
-                   bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (None,)))
-
-
-def _group_norm(channels: int, *, name: str, dtype: Dtype) -> nn.GroupNorm:
-    return nn.GroupNorm(num_groups=num_norm_groups(channels), epsilon=NORM_EPS,
-                        use_fast_variance=False, name=name, dtype=dtype,
-                        param_dtype=jnp.float32)
-
-
-class ConvNormReLU(nn.Module):
-    """CRIS's conv_layer: bias-free k×k conv, norm (GroupNorm here, BatchNorm in CRIS), ReLU."""
-    features: int
-    kernel_size: int = 1
-    dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x = _conv(self.features, self.kernel_size, name="conv", use_bias=False,
-                  dtype=self.dtype)(x)
-        return nn.relu(_group_norm(self.features, name="norm", dtype=self.dtype)(x))
 
 
 def _check_batch(name: str, array: jax.Array, batch: int) -> None:
@@ -222,7 +173,7 @@ class SentenceFPN(nn.Module):
                      dtype=self.dtype)(sentence)
         gate = nn.relu(layer_norm(NORM_EPS, name="sentence_norm", dtype=self.dtype)(gate))
         f5 = block(dim5, 1, "v5_proj")(v5) * gate[:, None, None, :]
-        f5 = nn.relu(_group_norm(dim5, name="gate_norm", dtype=self.dtype)(f5))
+        f5 = nn.relu(group_norm(dim5, name="gate_norm", dtype=self.dtype)(f5))
         # Stride 16: the upsampled gated map joins v4.
         f4 = block(dim4, 3, "v4_proj")(v4)
         f4 = block(dim4, 1, "fuse4")(jnp.concatenate([f4, resize_to(f5, size4)], axis=-1))
@@ -416,7 +367,7 @@ class DynamicKernelProjector(nn.Module):
         x = ConvNormReLU(c, 3, dtype=self.dtype, name="up1")(resize_to(x, (2 * h, 2 * w)))
         x = ConvNormReLU(self.in_dim, 3, dtype=self.dtype,
                          name="up2")(resize_to(x, (4 * h, 4 * w)))
-        features = _conv(self.in_dim, 1, name="out_proj", use_bias=True, dtype=self.dtype)(x)
+        features = conv(self.in_dim, 1, name="out_proj", use_bias=True, dtype=self.dtype)(x)
 
         kernel_and_bias = dense(self.in_dim * k * k + 1, name="kernel_generator",
                                 kernel_init=torch_default_kernel, dtype=self.dtype)(sentence)
