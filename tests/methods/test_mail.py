@@ -195,9 +195,10 @@ def test_predictor_inputs_from_masks_at_the_image_size():
     method = methods.get_method("mail")
     big = np.zeros((3, 50, 70), bool)
     big[0, :25, :35] = True
+    big[1, 30:, :] = True             # big[2] stays empty: padding, as in the pipeline
     extra = method.host_extra_inputs(cfg, SIZE, list(big))
     assert extra["instance_masks"].shape == (4, SIZE, SIZE)
-    np.testing.assert_array_equal(extra["instance_valid"], [1, 1, 1, 0])
+    np.testing.assert_array_equal(extra["instance_valid"], [1, 1, 0, 0])
     assert extra["instance_masks"][0, :16, :16].all() and not extra["instance_masks"][0, 16:].any()
     none = method.host_extra_inputs(cfg, SIZE, None)
     assert not none["instance_valid"].any()

@@ -104,7 +104,7 @@ def host_extra_inputs(cfg, size: int, given=None) -> dict[str, np.ndarray]:
             raise ValueError(f"instance mask {i} must be 2-D (H, W), got shape {m.shape}")
         img = Image.fromarray((m > 0).astype(np.uint8) * 255)
         masks[i] = np.asarray(img.resize((size, size), Image.NEAREST)) > 0
-        valid[i] = 1
+        valid[i] = int(masks[i].any())   # as the pipeline: a mask lost in resizing is padding
     return {"instance_masks": masks, "instance_valid": valid}
 
 
