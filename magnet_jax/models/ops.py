@@ -239,3 +239,12 @@ def swin_shift_mask(hp: int, wp: int, window: int, shift: int) -> np.ndarray:
     win = np.asarray(window_partition(labels, window))[..., 0]  # (nW, w²)
     diff = win[:, None, :] - win[:, :, None]
     return np.where(diff != 0, np.float32(-100.0), np.float32(0.0)).astype(np.float32)
+
+
+def renormalise(image: jax.Array, mean, std) -> jax.Array:
+    """ImageNet-normalised NHWC pixels (the data pipeline's) -> normalised with another
+    (mean, std), exactly: back to [0, 1] first, in float32."""
+    from magnet_jax.data.images import IMAGENET_MEAN, IMAGENET_STD
+    raw = (image.astype(jnp.float32) * jnp.asarray(IMAGENET_STD, jnp.float32)
+           + jnp.asarray(IMAGENET_MEAN, jnp.float32))
+    return (raw - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)

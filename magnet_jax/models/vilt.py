@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from magnet_jax.data.images import IMAGENET_MEAN, IMAGENET_STD
+from magnet_jax.models.ops import renormalise
 from magnet_jax.models import stacks
 from magnet_jax.models.layers import dense, gelu, layer_norm, normal_002
 
@@ -59,10 +59,7 @@ VILT_STD = (0.5, 0.5, 0.5)
 
 def vilt_normalise(image: jax.Array) -> jax.Array:
     """ImageNet-normalised pixels (the data pipeline's, NHWC) -> ViLT-normalised, exactly."""
-    mean_in = jnp.asarray(IMAGENET_MEAN, jnp.float32)
-    std_in = jnp.asarray(IMAGENET_STD, jnp.float32)
-    raw = image.astype(jnp.float32) * std_in + mean_in
-    return (raw - jnp.asarray(VILT_MEAN, jnp.float32)) / jnp.asarray(VILT_STD, jnp.float32)
+    return renormalise(image, VILT_MEAN, VILT_STD)
 
 
 def _align_corners_taps(size_in: int, size_out: int):

@@ -26,7 +26,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from magnet_jax.data.images import IMAGENET_MEAN, IMAGENET_STD
+from magnet_jax.models.ops import renormalise
 from magnet_jax.methods.cmmasksd.decoder import (DynamicKernelProjector, SentenceFPN,
                                                  VisionLanguageDecoder, resize_to)
 from magnet_jax.models.clip import CLIPText, CLIPVision
@@ -40,10 +40,7 @@ CRIS_STRIDES = (8, 16, 32)
 
 def clip_normalise(image: jax.Array) -> jax.Array:
     """ImageNet-normalised pixels (the data pipeline's) -> CLIP-normalised, exactly."""
-    mean_in = jnp.asarray(IMAGENET_MEAN, jnp.float32)
-    std_in = jnp.asarray(IMAGENET_STD, jnp.float32)
-    raw = image.astype(jnp.float32) * std_in + mean_in
-    return (raw - jnp.asarray(CLIP_MEAN)) / jnp.asarray(CLIP_STD)
+    return renormalise(image, CLIP_MEAN, CLIP_STD)
 
 
 class CMMaskSD(nn.Module):
