@@ -61,6 +61,9 @@ def test_trains_evaluates_and_exports_its_own_parameters(fsdp_run):
 
 
 @pytest.mark.slow
+# Outside CI (pytest -m extended): the 1-device = 8-device property is the framework's,
+# checked in CI for MagNet (tests/training/test_step.py, test_loop.py).
+@pytest.mark.extended
 def test_one_device_run_gives_the_fsdp_losses(fsdp_run, shared_data, tmp_path):
     """The same config on 1 device (a fresh process) logs the 8-device run's losses."""
     workdir8, _ = fsdp_run

@@ -240,6 +240,9 @@ def test_trains_restores_and_evaluates(fsdp_run, tmp_path):
 
 
 @pytest.mark.slow
+# Outside CI (pytest -m extended): the 1-device = 8-device property is the framework's,
+# checked in CI for MagNet (tests/training/test_step.py, test_loop.py).
+@pytest.mark.extended
 def test_one_device_run_gives_the_fsdp_losses(fsdp_run, shared_data, tmp_path):
     workdir8, _ = fsdp_run
     one = one_device_losses("tests.methods.test_mail:micro_mail_config", shared_data,
