@@ -28,6 +28,7 @@ def get_config(arg: str = "synthetic") -> ml_collections.ConfigDict:
     # MagNet's own parts: its decoder, the heads only its losses read, and those losses.
     del config.model["decoder"]
     del config.model["training_heads"]
+    del config.model["no_target_threshold"]
     del config["mg"]
     del config["cal"]
     config.model.name = "jmceln"

@@ -11,9 +11,20 @@ refcoco, refcoco+, refcocog_umd, refcocog_google
                     5e-5, poly decay, global batch 32, 40 epochs, L_seg + 0.5 L_MG + 0.5 L_CAL.
                     Initialise from local checkpoints with --config.init.swin / .bert.
 official            the released architecture (refcoco recipe).
-all448              the same at 448×448 (magnet_all.pth).
+all448              the same at 448×448 (magnet_all.pth) on the mixture RefCOCO (unc) +
+                    RefCOCO+ (unc) + G-Ref (umd), weighted by their train refs, every image
+                    of their val/test splits and of G-Ref (google) val removed from training
+                    (docs/data.md "Mixtures"). Set --config.data.root=DIR, the directory of
+                    the converted refcoco_unc/, refcocop_unc/, refcocog_umd/, refcocog_google/.
 swin_tiny           Swin-T (window 7) + BERT-base at 224×224: a reduced official-layout model.
 tiny                the CI-sized model of every test (64×64), synthetic recipe.
+grefcoco            generalised RIS (gRefCOCO; `python -m magnet_jax.data.grefcoco`): the
+                    refcoco recipe at 480 with the class head trained as a no-target head
+                    (loss.class_weight 2) and answering "no target" above
+                    model.no_target_threshold 0.5; GRES metrics on val / testA / testB.
+synthetic_gres      generalised RIS on the synthetic data: the synthetic recipe on its
+                    gres_train / gres_val splits (multi-target and no-target sentences), with
+                    the no-target head of `grefcoco` (docs/results.md).
 
 Per-dataset files (configs/refcoco.py, ...) are this file with their ARG fixed.
 """
@@ -27,22 +38,26 @@ from magnet_jax.models import presets
 REFER_480 = ("refcoco", "refcoco+", "refcocog_umd", "refcocog_google")
 OFFICIAL_480 = ("official",) + REFER_480
 SMALL = ("synthetic", "tiny")
-KNOWN = SMALL + OFFICIAL_480 + ("all448", "swin_tiny")
+GRES = ("grefcoco", "synthetic_gres")
+KNOWN = SMALL + OFFICIAL_480 + ("all448", "swin_tiny") + GRES
 # Refs in each train split (data_formats.md §1.4): one epoch = one pass over the refs.
 TRAIN_REFS = {"refcoco": 42_404, "refcoco+": 42_278, "refcocog_umd": 42_226,
               "refcocog_google": 44_822}
 EVAL_SPLITS = {"refcoco": ("val", "testA", "testB"), "refcoco+": ("val", "testA", "testB"),
                "refcocog_umd": ("val", "test"), "refcocog_google": ("val",)}
+# all448: converted dirs (one `python -m magnet_jax.data.convert --out` each) under data.root.
+ALL448_MIXTURE = ("refcoco_unc", "refcocop_unc", "refcocog_umd")
+ALL448_EXCLUDE_EVAL_OF = ("refcocog_google",)
 
 
 def model_config(arg: str) -> ml_collections.ConfigDict:
-    if arg in OFFICIAL_480:
+    if arg in OFFICIAL_480 or arg == "grefcoco":
         return presets.official_model_config(480)
     if arg == "all448":
         return presets.official_model_config(448)
     if arg == "swin_tiny":
         return presets.swin_model_config("tiny", window_size=7, image_size=224)
-    if arg in SMALL:
+    if arg in SMALL or arg == "synthetic_gres":
         return presets.tiny_model_config(64)
     raise ValueError(f"unknown config argument {arg!r}; known: {', '.join(KNOWN)}")
 
@@ -62,12 +77,36 @@ def _refer_recipe(config: ml_collections.ConfigDict, dataset: str) -> None:
     config.optim.text_trainable = "lavt"
 
 
+def _all448_recipe(config: ml_collections.ConfigDict) -> None:
+    """The refcoco recipe on the RefCOCO + RefCOCO+ + G-Ref (umd) mixture."""
+    _refer_recipe(config, "refcoco")
+    config.data.root = ""                     # required: the dir of the converted datasets
+    config.data.mixture = ALL448_MIXTURE      # weights: the kept train refs of each
+    config.data.exclude_eval_of = ALL448_EXCLUDE_EVAL_OF
+    config.train.epoch_refs = 0               # one epoch = the mixture's refs after the filter
+    # About one epoch at batch 32 (127k train refs before the overlap filter; `python -m
+    # magnet_jax.data.mixture --report` counts what it removes).
+    config.eval.every_steps = 3750
+    config.checkpoint.every_steps = 3750
+    config.checkpoint.best_metric = "refcoco/val/oIoU"
+
+
+def _no_target_head(config: ml_collections.ConfigDict) -> None:
+    """Generalised RIS: the Mask2Former class head of query 0 learns "no target" (class 0)
+    from the records' no_target flags, and inference empties the mask above the threshold."""
+    config.loss.class_weight = 2.0            # Mask2Former's class weight
+    config.model.no_target_threshold = 0.5
+
+
 def get_config(arg: str = "synthetic") -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.name = arg
     config.seed = 0
     config.model = model_config(arg)
     config.model.training_heads = True        # Mask Grounding and CAL read l_4' and lang_proj
+    # Generalised RIS: > 0 answers "no target" where the class head's no-object probability
+    # exceeds it (train that head with loss.class_weight > 0 on data with no-target sentences).
+    config.model.no_target_threshold = 0.0
 
     # Data: converted REFER shards (data.convert) or the built-in synthetic set.
     config.data = ml_collections.ConfigDict(dict(
@@ -81,8 +120,17 @@ def get_config(arg: str = "synthetic") -> ml_collections.ConfigDict:
         read_threads=2,
         prefetch=8,
         seed=0,                  # shuffle / sentence / token-masking seed (model seed apart)
+        # Several datasets at once (magnet_jax/data/mixture.py, docs/data.md "Mixtures"):
+        # entries "DIR" or ("DIR", weight); () = train on data.dir alone.
+        mixture=(),
+        root="",                 # relative mixture / exclude_eval_of dirs resolve under it
+        exclude_eval_of=(),      # more dirs whose val/test images are removed from training
+        mixture_force_mixed_conventions=False,   # allow datasets of different mask conventions
         synthetic=ml_collections.ConfigDict(dict(
-            num_train=4000, num_val=300, num_heldout=300, image_size=64, seed=0)),
+            num_train=4000, num_val=300, num_heldout=300, image_size=64, seed=0,
+            # Generalised RIS: also write gres_train / gres_val / gres_heldout (multi- and
+            # no-target expressions, docs/data.md); train/val/heldout are the same either way.
+            gres=False, gres_multi_fraction=0.25, gres_no_target_fraction=0.15)),
     ))
     config.train = ml_collections.ConfigDict(dict(
         global_batch_size=16,
@@ -126,14 +174,33 @@ def get_config(arg: str = "synthetic") -> ml_collections.ConfigDict:
     if arg in REFER_480:
         _refer_recipe(config, arg)
         config.data.eval_splits = ("val",)
-    elif arg in ("official", "all448", "swin_tiny"):
+    elif arg == "all448":
+        _all448_recipe(config)
+    elif arg in ("official", "swin_tiny"):
         _refer_recipe(config, "refcoco")
-    else:  # synthetic / tiny
-        config.data.eval_splits = ("val", "heldout")
-        config.mg.update(dict(depth=1, num_heads=2, intermediate=128))
-        config.cal.update(dict(num_fg=64, num_bg=64))
-        # 1800 steps of 16 fit the 20-minute budget of a 2-core CPU (docs/results.md).
-        config.train.num_steps = 1800
-        config.eval.every_steps = 600
-        config.checkpoint.every_steps = 600
+    elif arg == "grefcoco":
+        _refer_recipe(config, "refcoco")
+        config.data.convention = "union"      # gRefCOCO's masks: the union of the targets
+        config.data.eval_splits = ("val",)    # testA / testB: `python -m magnet_jax.evaluate`
+        config.checkpoint.best_metric = "val/gres/gIoU"
+        _no_target_head(config)
+    elif arg == "synthetic_gres":
+        _synthetic_recipe(config)
+        config.data.synthetic.gres = True     # also writes the gres_* splits
+        config.data.train_split = "gres_train"
+        config.data.eval_splits = ("gres_val", "gres_heldout")
+        config.checkpoint.best_metric = "gres_val/gres/gIoU"
+        _no_target_head(config)
+    elif arg in SMALL:
+        _synthetic_recipe(config)
     return config
+
+
+def _synthetic_recipe(config: ml_collections.ConfigDict) -> None:
+    config.data.eval_splits = ("val", "heldout")
+    config.mg.update(dict(depth=1, num_heads=2, intermediate=128))
+    config.cal.update(dict(num_fg=64, num_bg=64))
+    # 1800 steps of 16 fit the 20-minute budget of a 2-core CPU (docs/results.md).
+    config.train.num_steps = 1800
+    config.eval.every_steps = 600
+    config.checkpoint.every_steps = 600

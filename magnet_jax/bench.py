@@ -146,6 +146,7 @@ def train_batch(config, objective, batch_size: int, seed: int) -> dict:
     targets[:, 0] = -1
     batch = dict(image=rng.standard_normal((batch_size, size, size, 3)).astype(np.float32),
                  mask=mask, ids=ids, att=att, weight=np.ones((batch_size,), np.float32),
+                 no_target=np.zeros((batch_size,), np.int32),
                  mg_ids=np.where(targets >= 0, 103, ids).astype(np.int32), mg_targets=targets)
     from magnet_jax.methods import method_of
     for name, (shape, dtype) in method_of(config.model).extra_input_specs(

@@ -57,6 +57,10 @@ class Prediction:
     logits: np.ndarray
     mask: np.ndarray
     score: float            # mean foreground probability inside the mask (0 when empty)
+    # Generalised RIS, for a model with a no-target head (model.no_target_threshold > 0): the
+    # head's probability that the sentence refers to nothing, and its answer (mask empty).
+    no_target_probability: float | None = None
+    no_target: bool = False
 
 
 def bucket_size(n: int, max_batch: int) -> int:
@@ -103,6 +107,9 @@ class Predictor:
         # the method from None, with the effect `extra_inputs_note` describes.
         self.extra_specs = self.method.extra_input_specs(model_config, self.image_size)
         self._warned_absent = False
+        self.no_target_threshold = float(model_config.get("no_target_threshold", 0.0))
+        self.has_no_target_head = (self.method.infer_no_target is not None
+                                   and self.no_target_threshold > 0)
 
     @classmethod
     def from_checkpoint(cls, directory: str, tokenizer: str | None = None,
@@ -116,8 +123,11 @@ class Predictor:
                    image_size, max_batch)
 
     def _logits(self, params, image, ids, att, extra):
-        return self.method.infer(self.model, params, image, ids, att,
-                                 (self.image_size, self.image_size), **extra)
+        size = (self.image_size, self.image_size)
+        if self.has_no_target_head:
+            return self.method.infer_no_target(self.model, params, image, ids, att, size, **extra)
+        logits, coarse = self.method.infer(self.model, params, image, ids, att, size, **extra)
+        return logits, coarse, jnp.zeros(logits.shape[:1], jnp.float32)
 
     def extra_inputs(self, given=None) -> dict[str, np.ndarray]:
         """One image's extra model inputs from what the caller gave (None = nothing)."""
@@ -132,8 +142,9 @@ class Predictor:
 
     def _run(self, pixels: np.ndarray, ids: np.ndarray, att: np.ndarray,
              extra: dict[str, np.ndarray] | None = None):
-        """(N, S, S) input-size logits and (N, h, w) stride-4 logits, in bucketed batches."""
-        out_in, out_coarse = [], []
+        """(N, S, S) input-size logits, (N, h, w) stride-4 logits and (N,) no-target
+        probabilities (0 without a no-target head), in bucketed batches."""
+        out_in, out_coarse, out_none = [], [], []
         for start in range(0, len(pixels), self.max_batch):
             stop = min(start + self.max_batch, len(pixels))
             size = bucket_size(stop - start, self.max_batch)
@@ -143,14 +154,15 @@ class Predictor:
                 x = x[start:stop]
                 return np.concatenate([x, np.repeat(x[-1:], pad, axis=0)]) if pad else x
 
-            logits, coarse = self._forward(self.params, jnp.asarray(padded(pixels)),
+            logits, coarse, p_none = self._forward(self.params, jnp.asarray(padded(pixels)),
                                            jnp.asarray(padded(ids)), jnp.asarray(padded(att)),
                                            {k: jnp.asarray(padded(v))
                                             for k, v in (extra or {}).items()})
             self.compiled_batches.add(size)
             out_in.append(np.asarray(logits)[:stop - start])
             out_coarse.append(np.asarray(coarse)[:stop - start])
-        return np.concatenate(out_in), np.concatenate(out_coarse)
+            out_none.append(np.asarray(p_none)[:stop - start])
+        return np.concatenate(out_in), np.concatenate(out_coarse), np.concatenate(out_none)
 
     def predict_batch(self, items: Sequence[tuple]) -> list[list[Prediction]]:
         """items: (image, sentence or list of sentences) pairs, or triples whose third part
@@ -181,8 +193,8 @@ class Predictor:
         image_of_row = np.asarray([k for k, _ in rows])
         extra = {name: np.stack([e[name] for e in extras])[image_of_row]
                  for name in self.extra_specs}
-        logits_in, coarse = self._run(np.stack(pixels)[image_of_row], tokens.ids,
-                                      tokens.attention_mask, extra)
+        logits_in, coarse, p_none = self._run(np.stack(pixels)[image_of_row], tokens.ids,
+                                              tokens.attention_mask, extra)
         out: list[list[Prediction]] = [[] for _ in pils]
         for r, (k, _) in enumerate(rows):
             pil = pils[k]
@@ -190,8 +202,12 @@ class Predictor:
             mask = full > 0
             probs = 1.0 / (1.0 + np.exp(-full[mask].astype(np.float64)))
             score = float(probs.mean()) if mask.any() else 0.0
+            head = {}
+            if self.has_no_target_head:
+                head = dict(no_target_probability=float(p_none[r]),
+                            no_target=bool(p_none[r] > self.no_target_threshold))
             out[k].append(Prediction(logits=logits_in[r].astype(np.float32), mask=mask,
-                                     score=score))
+                                     score=score, **head))
         return out
 
     def predict(self, image, text: str | Sequence[str], instances=None):
@@ -325,12 +341,21 @@ def _predict_many(predictor: Predictor, pairs, out_dir: Path) -> int:
                     image_io.overlay_mask(pil, pred.mask).save(out_dir / f"{stem}-overlay.png")
                     records.append({"image": str(path), "sentence": text, "mask": f"{stem}.png",
                                     "overlay": f"{stem}-overlay.png", "score": round(pred.score, 6),
-                                    "foreground_pixels": int(pred.mask.sum())})
+                                    "foreground_pixels": int(pred.mask.sum()),
+                                    **_no_target_fields(pred)})
                     bar.update(1)
     tmp = out_dir / ".predictions.jsonl.tmp"
     tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
     os.replace(tmp, out_dir / "predictions.jsonl")
     return len(records)
+
+
+def _no_target_fields(pred: Prediction) -> dict:
+    """predictions.jsonl's generalised-RIS entries (only for a model with a no-target head)."""
+    if pred.no_target_probability is None:
+        return {}
+    return {"no_target": pred.no_target,
+            "no_target_probability": round(pred.no_target_probability, 6)}
 
 
 def main(argv=None) -> int:
@@ -374,6 +399,10 @@ def main(argv=None) -> int:
         np.save(args.save_logits, result.logits)
     log.info("%s: %r -> %s (%d foreground pixels of %d, score %.3f, %.1fs)", image_path, text,
              args.out, int(result.mask.sum()), result.mask.size, result.score, time.time() - start)
+    if result.no_target:
+        log.info("no target: the no-target head's probability %.3f exceeds the threshold %.2f, "
+                 "so the mask is empty", result.no_target_probability,
+                 predictor.no_target_threshold)
     return 0
 
 

@@ -114,7 +114,7 @@ def main(argv: list[str]) -> None:
     except (loop.ConfigError, CheckpointConfigError, loop.NonFiniteLossError) as e:
         raise SystemExit(f"error: {e}") from None
     summary = "  ".join(f"{k} {v:.4f}" for k, v in result.eval_metrics.items()
-                        if k.endswith(("/oIoU", "/mIoU")))
+                        if k.endswith(("/oIoU", "/mIoU", "/gres/gIoU", "/gres/N-acc")))
     print(f"{result.stopped} at step {result.step} in {result.seconds / 60:.1f} min; "
           f"{summary}; workdir {Path(workdir).absolute()}", flush=True)
 

@@ -61,32 +61,59 @@ def _ids(ref_id: Any, ann_id: Any, image_id: Any) -> str:
 # ------------------------------------------------------------------------------------------
 
 
+def read_checked_image(
+    path: Path, height: int, width: int
+) -> tuple[bytes, None] | tuple[None, tuple[str, str]]:
+    """(the file's original bytes, None), or (None, (kind, message)) for a missing, unreadable or
+    corrupt image or one whose size is not instances.json's (height, width)."""
+    from magnet_jax.data.images import ImageReadError, load_image_rgb
+
+    try:
+        image_bytes = path.read_bytes()
+    except FileNotFoundError:
+        return None, ("missing_image", f"image file not found: {path}")
+    except OSError as e:
+        return None, ("unreadable_image", f"cannot read image {path}: {e}")
+    try:
+        img = load_image_rgb(path)
+    except (ImageReadError, FileNotFoundError) as e:
+        return None, ("corrupt_image", str(e))
+    if img.size != (width, height):
+        return None, (
+            "image_size",
+            f"image {path} is {img.size[0]}x{img.size[1]} (WxH), "
+            f"instances.json says {width}x{height}",
+        )
+    return image_bytes, None
+
+
+def instance_count_pngs(
+    instances: list[tuple[int, Any]], height: int, width: int
+) -> tuple[list[bytes], list[dict[str, Any]]]:
+    """Count PNGs of every (ann_id, segmentation) of an image, and the unreadable ones."""
+    from magnet_jax.data.masks import MaskError, count_map
+
+    pngs, bad = [], []
+    for ann_id, seg in instances:
+        try:
+            pngs.append(records.count_png(count_map(seg, height, width).count))
+        except MaskError as e:
+            # Instance masks are an auxiliary input: store an empty mask and report it.
+            pngs.append(records.count_png(np.zeros((height, width), np.uint8)))
+            bad.append({"ann_id": int(ann_id), "reason": str(e)})
+    return pngs, bad
+
+
 def _process_ref(task: dict[str, Any]) -> dict[str, Any]:
     """Read and check the image, build the count mask(s). Returns {'bad': (kind, msg)} or parts."""
     from PIL import Image
 
-    from magnet_jax.data.images import ImageReadError, load_image_rgb
     from magnet_jax.data.masks import MaskError, count_map
 
-    path = Path(task["image_path"])
     h, w = task["height"], task["width"]
-    try:
-        image_bytes = path.read_bytes()
-    except FileNotFoundError:
-        return {"bad": ("missing_image", f"image file not found: {path}")}
-    except OSError as e:
-        return {"bad": ("unreadable_image", f"cannot read image {path}: {e}")}
-    try:
-        img = load_image_rgb(path)
-    except (ImageReadError, FileNotFoundError) as e:
-        return {"bad": ("corrupt_image", str(e))}
-    if img.size != (w, h):
-        return {
-            "bad": (
-                "image_size",
-                f"image {path} is {img.size[0]}x{img.size[1]} (WxH), instances.json says {w}x{h}",
-            )
-        }
+    image_bytes, bad = read_checked_image(Path(task["image_path"]), h, w)
+    if bad is not None:
+        return {"bad": bad}
     try:
         cm = count_map(task["segmentation"], h, w)
     except MaskError as e:
@@ -104,16 +131,9 @@ def _process_ref(task: dict[str, Any]) -> dict[str, Any]:
         "eq1_empty_480": not small.any(),
     }
     if task.get("instances") is not None:
-        pngs, bad = [], []
-        for ann_id, seg in task["instances"]:
-            try:
-                pngs.append(records.count_png(count_map(seg, h, w).count))
-            except MaskError as e:
-                # Instance masks are an auxiliary input: store an empty mask and report it.
-                pngs.append(records.count_png(np.zeros((h, w), np.uint8)))
-                bad.append({"ann_id": int(ann_id), "reason": str(e)})
-        out["instance_count_pngs"] = pngs
-        out["bad_instances"] = bad
+        out["instance_count_pngs"], out["bad_instances"] = instance_count_pngs(
+            task["instances"], h, w
+        )
     return out
 
 
@@ -134,6 +154,12 @@ def _sha256_bytes_of(path: str | os.PathLike) -> str:
 
 
 class _SplitConverter:
+    """One (dataset, split_by) -> per-split shards. Subclasses (gRefCOCO) replace `worker` (the
+    per-ref file work, a module-level function so spawned workers can import it), `_prepare`,
+    `_records` and `_meta`; `run` (atomic output) and the sentence/text helpers are shared."""
+
+    worker = staticmethod(_process_ref)
+
     def __init__(self, refer: ReferDataset, args: argparse.Namespace, sources: dict[str, Any]):
         self.refer, self.args, self.sources = refer, args, sources
         self.tok = _tokenizer()
@@ -151,6 +177,65 @@ class _SplitConverter:
         except ValueError:
             return False
         return True
+
+    def _clean_sentences(
+        self, sentences: list[dict[str, Any]], ids: dict[str, Any]
+    ) -> list[tuple[int, str, str]]:
+        """(sent_id, raw, sent) of the non-empty sentences; empty ones are dropped and listed."""
+        sents = []
+        for s in sentences:
+            raw, sent = str(s.get("raw", "")), str(s.get("sent", ""))
+            # Empty after normalisation: blank raw or sent, or no word piece at all
+            # (e.g. only control or zero-width characters).
+            if raw.strip() and sent.strip() and self._has_pieces(raw):
+                sents.append((int(s["sent_id"]), raw, sent))
+                continue
+            msg = f"sent_id={s.get('sent_id')}: empty sentence (raw={raw!r}, sent={sent!r})"
+            if self.args.strict:
+                raise ConvertError(f"empty_sentence: {_ids(**ids)}: {msg}")
+            print(f"warning: dropped sentence of {_ids(**ids)}: {msg}", file=sys.stderr)
+            self.skipped_sentences.append(
+                {**ids, "sent_id": int(s.get("sent_id", -1)), "reason": "empty sentence"}
+            )
+        return sents
+
+    def _text_fields(self, sents: list[tuple[int, str, str]]) -> dict[str, Any]:
+        """The record's sentence and token fields (ids of `raw`, data_formats.md §3)."""
+        tok = self.tok.batch_encode([raw for _, raw, _ in sents], warn=False)
+        self.stats["truncated_sentences"] += int(tok.truncated.sum())
+        return {
+            "sent_ids": np.asarray([i for i, _, _ in sents], np.int64),
+            "raw": [raw for _, raw, _ in sents],
+            "sent": [sent for _, _, sent in sents],
+            "input_ids": tok.ids.astype(np.int32),
+            "attention_mask": tok.attention_mask.astype(np.int8),
+            "num_wordpieces": (tok.num_pieces + 2).astype(np.int32),
+        }
+
+    def _instance_fields(
+        self, image_id: int, parts: dict[str, Any], ids: dict[str, Any]
+    ) -> dict[str, Any]:
+        """--with-instances: every annotation of the image (fields of records.OPTIONAL_FIELDS)."""
+        refer = self.refer
+        inst = refer.anns_by_image.get(image_id, [])
+        self.stats["bad_instances"] += [{**ids, **b} for b in parts["bad_instances"]]
+        return {
+            "instance_ann_ids": np.asarray([a["id"] for a in inst], np.int64),
+            "instance_category_ids": np.asarray([a["category_id"] for a in inst], np.int32),
+            "instance_category_names": [
+                str(refer.categories.get(int(a["category_id"]), {}).get("name", "")) for a in inst
+            ],
+            "instance_iscrowd": np.asarray([a.get("iscrowd", 0) for a in inst], np.int8),
+            "instance_count_pngs": parts["instance_count_pngs"],
+        }
+
+    def _tokenizer_meta(self) -> dict[str, Any]:
+        return {
+            "name": TOKENIZER_NAME,
+            "vocab": Path(self.tok.source).name,
+            "vocab_sha256": _sha256_bytes_of(self.tok.source),
+            "text_field": "raw",
+        }
 
     def _prepare(self, split: str) -> tuple[list, list[dict[str, Any]]]:
         """Checks that need no file reads; returns (prepared refs, worker tasks) in pickle order."""
@@ -176,21 +261,7 @@ class _SplitConverter:
             if int(ann["image_id"]) != ids["image_id"]:
                 self._bad("ann_image_mismatch", f"annotation is on image {ann['image_id']}", ids)
                 continue
-            sents = []
-            for s in ref["sentences"]:
-                raw, sent = str(s.get("raw", "")), str(s.get("sent", ""))
-                # Empty after normalisation: blank raw or sent, or no word piece at all
-                # (e.g. only control or zero-width characters).
-                if raw.strip() and sent.strip() and self._has_pieces(raw):
-                    sents.append((int(s["sent_id"]), raw, sent))
-                    continue
-                msg = f"sent_id={s.get('sent_id')}: empty sentence (raw={raw!r}, sent={sent!r})"
-                if args.strict:
-                    raise ConvertError(f"empty_sentence: {_ids(**ids)}: {msg}")
-                print(f"warning: dropped sentence of {_ids(**ids)}: {msg}", file=sys.stderr)
-                self.skipped_sentences.append(
-                    {**ids, "sent_id": int(s.get("sent_id", -1)), "reason": "empty sentence"}
-                )
+            sents = self._clean_sentences(ref["sentences"], ids)
             if not sents:
                 self._bad("no_sentences", "no non-empty sentence", ids)
                 continue
@@ -233,7 +304,7 @@ class _SplitConverter:
     def iter_records(self, split: str) -> Iterator[dict[str, Any]]:
         """The split's records in pickle order, in this process (for the TFDS builder)."""
         prepared, tasks = self._prepare(split)
-        yield from self._records(prepared, map(_process_ref, tasks), None, split)
+        yield from self._records(prepared, map(self.worker, tasks), None, split)
 
     def run(self, split: str, pool=None) -> dict[str, Any]:
         """Convert one split into shards + meta.json under args.out (files read in `pool`)."""
@@ -244,9 +315,9 @@ class _SplitConverter:
         num_shards = max(1, min(default, len(tasks)))
         if pool is not None and len(tasks) > 1:
             # imap keeps the input order: the output does not depend on --workers.
-            results: Iterator = pool.imap(_process_ref, tasks, chunksize=4)
+            results: Iterator = pool.imap(self.worker, tasks, chunksize=4)
         else:
-            results = map(_process_ref, tasks)
+            results = map(self.worker, tasks)
         try:
             from tqdm import tqdm
 
@@ -295,7 +366,6 @@ class _SplitConverter:
                 st["degenerate_polygon_refs"].append(
                     {**ids, "polygons": parts["degenerate_polygons"]}
                 )
-            tok = self.tok.batch_encode([raw for _, raw, _ in sents], warn=False)
             cat_id = int(ref.get("category_id", ann.get("category_id")))
             rec: dict[str, Any] = {
                 "schema_version": records.SCHEMA_VERSION,
@@ -315,27 +385,10 @@ class _SplitConverter:
                 "mask_count_png": parts["mask_count_png"],
                 "num_polygons": parts["num_polygons"],
                 "overlap_pixels": parts["overlap_pixels"],
-                "sent_ids": np.asarray([i for i, _, _ in sents], np.int64),
-                "raw": [raw for _, raw, _ in sents],
-                "sent": [sent for _, _, sent in sents],
-                "input_ids": tok.ids.astype(np.int32),
-                "attention_mask": tok.attention_mask.astype(np.int8),
-                "num_wordpieces": (tok.num_pieces + 2).astype(np.int32),
+                **self._text_fields(sents),
             }
             if args.with_instances:
-                inst = refer.anns_by_image.get(ids["image_id"], [])
-                rec["instance_ann_ids"] = np.asarray([a["id"] for a in inst], np.int64)
-                rec["instance_category_ids"] = np.asarray(
-                    [a["category_id"] for a in inst], np.int32
-                )
-                rec["instance_category_names"] = [
-                    str(refer.categories.get(int(a["category_id"]), {}).get("name", ""))
-                    for a in inst
-                ]
-                rec["instance_iscrowd"] = np.asarray([a.get("iscrowd", 0) for a in inst], np.int8)
-                rec["instance_count_pngs"] = parts["instance_count_pngs"]
-                st["bad_instances"] += [{**ids, **b} for b in parts["bad_instances"]]
-            st["truncated_sentences"] += int(tok.truncated.sum())
+                rec.update(self._instance_fields(ids["image_id"], parts, ids))
             st["multi_polygon_refs"] += int(parts["num_polygons"] > 1)
             st["overlap_pixels"] += int(parts["overlap_pixels"])
             if parts["eq1_empty"]:
@@ -362,12 +415,7 @@ class _SplitConverter:
             "mask_storage": "per-pixel polygon count (uint8 PNG); official = count == 1, union = count >= 1",
             "with_instances": bool(args.with_instances),
             "sources": self.sources,
-            "tokenizer": {
-                "name": TOKENIZER_NAME,
-                "vocab": Path(self.tok.source).name,
-                "vocab_sha256": _sha256_bytes_of(self.tok.source),
-                "text_field": "raw",
-            },
+            "tokenizer": self._tokenizer_meta(),
             "max_tokens": records.MAX_TOKENS,
             "split_rule": "exact match of ref['split']",
             "source_counts": {"refs": n_refs, "images": n_images, "sentences": n_sents},
@@ -427,10 +475,13 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _same_conversion(
-    meta: dict[str, Any], args: argparse.Namespace, sources: dict[str, Any]
+    meta: dict[str, Any],
+    args: argparse.Namespace,
+    sources: dict[str, Any],
+    version: str = CONVERTER_VERSION,
 ) -> bool:
     return (
-        meta.get("converter_version") == CONVERTER_VERSION
+        meta.get("converter_version") == version
         and meta.get("mask_convention") == args.mask_convention
         and meta.get("with_instances") == bool(args.with_instances)
         and all(
@@ -454,18 +505,7 @@ def convert(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
             f"split {unknown[0]!r} is not a split of {args.dataset} {args.split_by} "
             f"(splits: {', '.join(refer.splits)})"
         )
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    for other in records.available_splits(out):
-        try:
-            m = records.read_meta(out, other)
-        except (FileNotFoundError, ValueError):
-            continue
-        if (m.get("dataset"), m.get("split_by")) != (args.dataset, args.split_by):
-            raise ConvertError(
-                f"{out} holds {m.get('dataset')} {m.get('split_by')} records ({other}); "
-                "use one --out directory per dataset and split_by"
-            )
+    check_output_dir(args.out, args.dataset, args.split_by)
     if len(refer.refs) >= FULL_DATASET_MIN_REFS:
         problems = refer.check_counts()
         if problems and args.strict:
@@ -487,7 +527,35 @@ def convert(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         "image_root": str(Path(args.image_root).resolve()),
         "count_check": count_check,
     }
-    converter = _SplitConverter(refer, args, sources)
+    return run_splits(_SplitConverter(refer, args, sources), splits, args, sources)
+
+
+def check_output_dir(out: str | os.PathLike, dataset: str, split_by: str) -> None:
+    """Create `out`; refuse one that already holds records of another (dataset, split_by)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for other in records.available_splits(out):
+        try:
+            m = records.read_meta(out, other)
+        except (FileNotFoundError, ValueError):
+            continue
+        if (m.get("dataset"), m.get("split_by")) != (dataset, split_by):
+            raise ConvertError(
+                f"{out} holds {m.get('dataset')} {m.get('split_by')} records ({other}); "
+                "use one --out directory per dataset and split_by"
+            )
+
+
+def run_splits(
+    converter: _SplitConverter,
+    splits: Sequence[str],
+    args: argparse.Namespace,
+    sources: dict[str, Any],
+    version: str = CONVERTER_VERSION,
+) -> dict[str, dict[str, Any]]:
+    """Convert each split into args.out unless it is complete with the same sources and options
+    (resume); returns split -> meta. `version` is the converter's, stored in meta.json."""
+    out = Path(args.out)
     metas = {}
     # Spawned (not forked) workers: the parent holds a multi-threaded Rust tokenizer.
     pool = multiprocessing.get_context("spawn").Pool(args.workers) if args.workers > 1 else None
@@ -495,7 +563,7 @@ def convert(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         for split in splits:
             if records.is_complete(out, split):
                 meta = records.read_meta(out, split)
-                if _same_conversion(meta, args, sources):
+                if _same_conversion(meta, args, sources, version):
                     print(
                         f"{split}: already converted ({meta['num_records']} records), skipped",
                         file=sys.stderr,

@@ -109,7 +109,17 @@ def train_dataset(out_dir: str | os.PathLike, split: str = "train", *, image_siz
         ds = grain.MapDataset.source(SentenceSource(source)).seed(seed).shuffle().repeat(None)
         ds = ds[pi::pc]
     prep = Preprocess(image_size, convention, augment, tokenizer, instances)
-    ds = ds.random_map(prep) if augment is not None else ds.map(prep)
+    return examples_to_batches(ds, prep, random=augment is not None, mask_tokens=mask_tokens,
+                               batch=batch)
+
+
+def examples_to_batches(ds: grain.MapDataset, prep, *, random: bool,
+                        mask_tokens: MaskTokens | None, batch: int) -> grain.MapDataset:
+    """{record, sent_index, weight} items -> preprocessed, optionally token-masked batches.
+
+    Shared by `train_dataset` and the dataset mixtures (mixture.py); `random`: `prep` takes the
+    element's rng (augmentation)."""
+    ds = ds.random_map(prep) if random else ds.map(prep)
     if mask_tokens is not None:
         # Seeded per element index of the repeated stream: deterministic per (seed, epoch, example).
         ds = ds.random_map(mask_tokens)

@@ -12,7 +12,8 @@ Files of one split in `out_dir` (§7.1):
 A split is complete iff its meta.json exists and every shard it lists exists. Records are
 numbered shard-major (all of shard 0, then shard 1, ...), the order in which
 `grain.sources.ArrayRecordDataSource` concatenates the shard files; meta.json's per-record
-lists (`ref_ids`, `sentence_counts`) follow that order.
+lists (`ref_ids`, `image_ids`, `sentence_counts`) follow that order (`image_ids` since the
+mixture overlap filter, `mixture.py`; older meta.json files lack it and stay readable).
 """
 
 from __future__ import annotations
@@ -76,6 +77,15 @@ OPTIONAL_FIELDS: dict[str, tuple[str, tuple]] = {
     "det_scores": ("float32", ("D",)),
     "det_category_ids": ("int32", ("D",)),
     "det_valid": ("int8", ("D",)),
+    # gRefCOCO (`python -m magnet_jax.data.grefcoco`, generalised RIS); N = the ref's number of
+    # targets in its `ann_id` list, 0 for a no-target ref. `no_target` is 1 for a ref that
+    # refers to nothing (empty mask), else 0. The mask is the union of the non-crowd targets;
+    # crowd targets are listed here (target_iscrowd 1) but left out of it, as ReLA does.
+    "no_target": ("int", ()),
+    "target_ann_ids": ("int64", ("N",)),
+    "target_category_ids": ("int32", ("N",)),
+    "target_iscrowd": ("int8", ("N",)),
+    "target_bboxes": ("float32", ("N", 4)),  # COCO [x, y, w, h] per target
 }
 
 MASK_CONVENTIONS = ("official", "union")
@@ -371,7 +381,7 @@ def write_shards(
     Any previous output of the split is removed first. Each shard is written as
     `<name>.partial` and renamed after a successful close; meta.json (the given `meta` plus
     `schema_version`, `split`, `shards`, `num_records`, `shard_sizes`, and, in record order,
-    `ref_ids` and `sentence_counts`) is written last. Returns the written meta.
+    `ref_ids`, `image_ids` and `sentence_counts`) is written last. Returns the written meta.
     """
     from array_record.python.array_record_module import ArrayRecordWriter
 
@@ -382,7 +392,8 @@ def write_shards(
     remove_split(out_dir, split)
     names = [shard_name(split, i, num_shards) for i in range(num_shards)]
     partials = [out_dir / (n + PARTIAL_SUFFIX) for n in names]
-    per_shard: list[list[tuple[int, int]]] = [[] for _ in names]  # (ref_id, num sentences)
+    # (ref_id, image_id, num sentences) per record of each shard
+    per_shard: list[list[tuple[int, int, int]]] = [[] for _ in names]
     writers = [ArrayRecordWriter(str(p), WRITER_OPTIONS) for p in partials]
     try:
         for i, rec in enumerate(records_iter):
@@ -393,7 +404,8 @@ def write_shards(
                 dec = validate_record(rec)
                 data = encode_record(dec)
             writers[i % num_shards].write(data)
-            per_shard[i % num_shards].append((int(dec["ref_id"]), len(dec["sent_ids"])))
+            per_shard[i % num_shards].append(
+                (int(dec["ref_id"]), int(dec["image_id"]), len(dec["sent_ids"])))
     finally:
         for w in writers:
             w.close()
@@ -407,8 +419,10 @@ def write_shards(
         shards=names,
         num_records=len(order),
         shard_sizes=[len(s) for s in per_shard],
-        ref_ids=[r for r, _ in order],
-        sentence_counts=[s for _, s in order],
+        ref_ids=[r for r, _, _ in order],
+        # The mixture overlap filter reads these instead of decoding every record.
+        image_ids=[i for _, i, _ in order],
+        sentence_counts=[s for _, _, s in order],
     )
     _write_json_atomic(meta_path(out_dir, split), full)
     return full

@@ -64,6 +64,22 @@ class ReferError(ValueError):
     """Missing or inconsistent REFER annotation files."""
 
 
+def index_coco_instances(inst: Any, path: Path, error: type[Exception] = ReferError):
+    """A COCO instances.json object -> (images, annotations, categories by id, annotations
+    by image id); a missing list raises `error` naming the file."""
+    if not isinstance(inst, dict):
+        raise error(f"{path}: expected a COCO object, got a {type(inst).__name__}")
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(inst.get(key), list):
+            raise error(f"{path} lacks the list {key!r}")
+    anns_by_image: dict[int, list[dict[str, Any]]] = {}
+    for a in inst["annotations"]:
+        anns_by_image.setdefault(int(a["image_id"]), []).append(a)
+    return ({int(im["id"]): im for im in inst["images"]},
+            {int(a["id"]): a for a in inst["annotations"]},
+            {int(c["id"]): c for c in inst["categories"]}, anns_by_image)
+
+
 def valid_split_bys(dataset: str) -> list[str]:
     return [sb for (ds, sb) in EXPECTED_SPLITS if ds == dataset]
 
@@ -139,15 +155,8 @@ class ReferDataset:
             inst = json.loads(self.instances_path.read_text())
         except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ReferError(f"cannot read {self.instances_path}: {e}") from None
-        for key in ("images", "annotations", "categories"):
-            if not isinstance(inst.get(key), list):
-                raise ReferError(f"{self.instances_path} lacks the list {key!r}")
-        self.images = {int(im["id"]): im for im in inst["images"]}
-        self.anns = {int(a["id"]): a for a in inst["annotations"]}
-        self.categories = {int(c["id"]): c for c in inst["categories"]}
-        self.anns_by_image: dict[int, list[dict[str, Any]]] = {}
-        for a in inst["annotations"]:
-            self.anns_by_image.setdefault(int(a["image_id"]), []).append(a)
+        (self.images, self.anns, self.categories,
+         self.anns_by_image) = index_coco_instances(inst, self.instances_path, ReferError)
         self._check_refs()
 
     def _check_refs(self) -> None:

@@ -35,6 +35,30 @@ are computed from the scene without drawing random numbers, so images, masks and
 those of a dataset without them. Everything is drawn from
 `np.random.default_rng([seed, split, index])`, so the same seed gives byte-identical shards
 and examples do not depend on how many others are generated.
+
+Generalised RIS (`generate(..., gres=True)`, `--gres`, config.data.synthetic.gres): three more
+splits, gres_train, gres_val and gres_heldout (GRES_SPLITS, as many records as train, val and
+heldout; no held-out pair in gres_train or gres_val, and in gres_heldout every target is one
+and every multi- or no-target phrase names one), drawn from their own streams (codes 3-5),
+so train, val and heldout are byte for byte those of a run without the switch. Each record is
+one of GRES_KINDS, chosen by its index alone (`gres_kind`: a golden-ratio sequence, so the
+fractions hold within a record or two at any size rather than only in expectation):
+  - single_target: an ordinary record (the same scene and expression generators);
+  - multi_target: a scene with a planted group of 2-3 objects sharing a description, referred
+    to together: "all the red circles", "both squares", "the two small stars", "the circles
+    left of the blue triangle" (every circle clearly left of it, every other clearly not);
+    the mask is the union of the targets' visible masks;
+  - no_target: a plausible expression that matches nothing in the scene: a description one
+    attribute away from a present object ("the purple circle" beside a red circle and a purple
+    square; also "all the purple circles"), a relation that holds for none of the objects
+    fitting it, or an ordinal past the end ("the third triangle from the left" of two); the
+    mask is empty.
+A no-target expression is not marked by its words (that would be a shortcut), so
+`expression_kind` names "no_target" only when told the record's `no_target`; plural
+expressions are "multi". The gres records carry the gRefCOCO fields of records.py
+(`no_target`, `target_ann_ids`, `target_category_ids`, `target_iscrowd`, `target_bboxes`),
+`ann_id`/`category_id` of the first target in drawing order (-1 for none), and the instance
+fields as above; their meta.json `counts` has single/multi/no-target refs and sentences.
 """
 
 from __future__ import annotations
@@ -69,7 +93,13 @@ HELDOUT_PAIRS = frozenset(
      ("purple", "diamond"), ("orange", "cross")}
 )
 SPLITS = ("train", "val", "heldout")
-_SPLIT_CODE = {"train": 0, "val": 1, "heldout": 2}
+GRES_SPLITS = ("gres_train", "gres_val", "gres_heldout")  # written with gres=True only
+_SPLIT_CODE = {"train": 0, "val": 1, "heldout": 2, "gres_train": 3, "gres_val": 4,
+               "gres_heldout": 5}
+GRES_KINDS = ("single_target", "multi_target", "no_target")
+GRES_MULTI_FRACTION = 0.25       # defaults of config.data.synthetic.gres_*_fraction
+GRES_NO_TARGET_FRACTION = 0.15
+_GOLDEN = (5 ** 0.5 - 1) / 2
 # ids are unique across splits: split k uses (k * 10**6, (k + 1) * 10**6).
 _ID_STRIDE = 10**6
 _ORDINALS = ("first", "second", "third", "fourth")
@@ -249,6 +279,13 @@ def _np(size: str | None, colour: str | None, shape: str) -> str:
     return " ".join(w for w in (size, colour, shape) if w)
 
 
+_PLURALS = {sh: sh + ("es" if sh.endswith(("s", "x")) else "s") for sh in SHAPES}
+
+
+def _np_plural(size: str | None, colour: str | None, shape: str) -> str:
+    return _np(size, colour, _PLURALS[shape])
+
+
 def _descriptions(o: _Object) -> list[tuple[str | None, str | None, str]]:
     return [(sz, c, o.shape) for sz in (None, o.size) for c in (None, o.colour)]
 
@@ -295,13 +332,20 @@ _RELATIONS = {  # phrase -> holds(a, b, margin)
 }
 
 
-EXPRESSION_KINDS = ("attribute", "ordinal", "relation")
+EXPRESSION_KINDS = ("attribute", "ordinal", "relation", "multi", "no_target")
 
 
-def expression_kind(sentence: str) -> str:
-    """The kind of a synthetic expression ("attribute", "ordinal" or "relation"), read from
-    its words (raw or normalised): the relation phrases and the ordinal forms are disjoint."""
-    text = " " + " ".join(sentence.lower().replace(".", " ").split()) + " "
+def expression_kind(sentence: str, no_target: bool | int = False) -> str:
+    """The kind of a synthetic expression, read from its words (raw or normalised): "multi"
+    for a plural one (several targets, gres splits), else "relation", "ordinal" or
+    "attribute" (the relation phrases and the ordinal forms are disjoint). "no_target" only
+    when `no_target` (the record's field) says so: those expressions read like the others."""
+    if no_target:
+        return "no_target"
+    text = " " + " ".join(sentence.lower().replace(".", " ").replace(",", " ")
+                          .replace("!", " ").split()) + " "
+    if any(f" {word} " in text for word in _PLURALS.values()):
+        return "multi"
     if any(f" {phrase} " in text for phrase in _RELATIONS):
         return "relation"
     if "most " in text or " from the " in text:
@@ -362,6 +406,203 @@ def _expressions(rng: np.random.Generator, objs, t, s: int) -> list[str]:
 
 
 # --------------------------------------------------------------------------------------------
+# Generalised RIS (gres splits): several targets or none.
+# --------------------------------------------------------------------------------------------
+
+def gres_kind(index: int, multi_fraction: float = GRES_MULTI_FRACTION,
+              no_target_fraction: float = GRES_NO_TARGET_FRACTION) -> str:
+    """The GRES_KINDS entry of record `index` of a gres split: u = frac(index x golden ratio)
+    (equidistributed, so any n records hold each kind within about two of n x fraction);
+    u < no_target_fraction: no_target, then multi_target, else single_target."""
+    u = (index * _GOLDEN) % 1.0
+    if u < no_target_fraction:
+        return "no_target"
+    if u < no_target_fraction + multi_fraction:
+        return "multi_target"
+    return "single_target"
+
+
+def _check_fractions(multi_fraction: float, no_target_fraction: float) -> None:
+    if not (0 <= multi_fraction <= 1 and 0 <= no_target_fraction <= 1
+            and multi_fraction + no_target_fraction <= 1):
+        raise ValueError(f"gres fractions must be in [0, 1] and sum to at most 1, got multi "
+                         f"{multi_fraction} and no-target {no_target_fraction}")
+
+
+def _gres_base(split: str) -> str:
+    """The ordinary split whose attribute rules a gres split follows."""
+    return split[len("gres_"):] if split.startswith("gres_") else split
+
+
+def _mentionable(d: tuple[str | None, str | None, str], split: str) -> bool:
+    """Whether a description may be spoken in `split`: train/val never name a held-out pair;
+    in heldout the phrase names one (so every referred or missing object is held out)."""
+    _, colour, shape = d
+    if split == "heldout":
+        return colour is not None and (colour, shape) in HELDOUT_PAIRS
+    return colour is None or (colour, shape) not in HELDOUT_PAIRS
+
+
+def _scene_descriptions(objs: list[_Object]) -> list[tuple[str | None, str | None, str]]:
+    """Every description of every object, once, in drawing order."""
+    out: list = []
+    for o in objs:
+        out += [d for d in _descriptions(o) if d not in out]
+    return out
+
+
+def _landmarks(objs: list[_Object]) -> list[tuple[int, _Object, tuple]]:
+    """(index, object, its first unique description) of every object that can be named alone."""
+    out = []
+    for j, o in enumerate(objs):
+        unique = [d for d in _descriptions(o) if sum(p.matches(*d) for p in objs) == 1]
+        if unique:
+            out.append((j, o, unique[0]))
+    return out
+
+
+def _multi_scene(rng: np.random.Generator, split: str, s: int) -> list[_Object]:
+    """A scene with a planted group of 2-3 objects of one shape (one colour half the time; the
+    held-out pair in heldout), 0-1 other objects of that shape and others up to 3-6 in all."""
+    if split == "heldout":
+        g_colour, g_shape = sorted(HELDOUT_PAIRS)[rng.integers(len(HELDOUT_PAIRS))]
+        same_colour = True
+    else:
+        g_shape, g_colour = _draw_attrs(rng, split)
+        same_colour = rng.random() < 0.5
+    wanted = []
+    for _ in range(int(rng.choice([2, 2, 3]))):
+        colour = g_colour if same_colour else _draw_attrs(rng, split, g_shape)[1]
+        wanted.append((g_shape, colour, SIZES[rng.integers(2)]))
+    for _ in range(int(rng.choice([0, 1]))):
+        shape, colour = _draw_attrs(rng, split, g_shape)
+        wanted.append((shape, colour, SIZES[rng.integers(2)]))
+    total = min(6, max(len(wanted) + 1, int(rng.integers(3, 7))))
+    while len(wanted) < total:
+        shape, colour = _draw_attrs(rng, split)
+        wanted.append((shape, colour, SIZES[rng.integers(2)]))
+    objs: list[_Object] = []
+    for k in rng.permutation(len(wanted)):
+        _place(rng, objs, *wanted[k], s)
+    for i, o in enumerate(objs):
+        o.visible = o.full & _cover(objs[i + 1:])
+    return objs
+
+
+def _multi_exprs(objs: list[_Object], s: int, split: str) -> dict[tuple[int, ...], dict]:
+    """target indices (>= 2) -> {"attribute" | "relation": [expressions]} for the scene:
+    "all the / both / the two / the three" + a plural description matching exactly those, or
+    "the <plural> <relation> the <landmark>" that every target clearly stands in and every
+    other object fitting the description clearly does not."""
+    out: dict[tuple[int, ...], dict[str, list[str]]] = {}
+
+    def add(targets, kind, expr):
+        exprs = out.setdefault(tuple(targets), {}).setdefault(kind, [])
+        if expr not in exprs:
+            exprs.append(expr)
+
+    m = 0.08 * s
+    landmarks = _landmarks(objs)
+    for d in _scene_descriptions(objs):
+        if not _mentionable(d, split):
+            continue
+        group = [i for i, o in enumerate(objs) if o.matches(*d)]
+        if len(group) < 2:
+            continue
+        plural = _np_plural(*d)
+        add(group, "attribute", f"all the {plural}")
+        if len(group) == 2:
+            add(group, "attribute", f"both {plural}")
+            add(group, "attribute", f"the two {plural}")
+        if len(group) == 3:
+            add(group, "attribute", f"the three {plural}")
+        for j, land, ld in landmarks:
+            cands = [i for i in group if i != j]
+            for phrase, holds in _RELATIONS.items():
+                holders = [i for i in cands if holds(objs[i], land, m)]
+                if len(holders) >= 2 and all(not holds(objs[i], land, -m)
+                                             for i in cands if i not in holders):
+                    add(holders, "relation", f"the {plural} {phrase} the {_np(*ld)}")
+    return out
+
+
+def _near_miss(d: tuple[str | None, str | None, str], o: _Object) -> bool:
+    """The description names o but for exactly one of its words (a plausible miss)."""
+    size, colour, shape = d
+    wrong = (shape != o.shape) + (colour is not None and colour != o.colour) \
+        + (size is not None and size != o.size)
+    return wrong == 1
+
+
+def _no_target_exprs(objs: list[_Object], s: int, split: str) -> dict[str, list[str]]:
+    """Expressions matching no object of the scene, by kind: "attribute" ("the purple circle":
+    no such object, but one that differs in one word), "plural" ("all the purple circles", the
+    same descriptions), "relation" (objects fit the description, none stands in the relation to
+    the landmark, all clearly not) and "ordinal" (one past the last of the group)."""
+    out: dict[str, list[str]] = {"attribute": [], "plural": [], "relation": [], "ordinal": []}
+    for size in (None,) + SIZES:
+        for colour in (None,) + COLOUR_NAMES:
+            for shape in SHAPES:
+                d = (size, colour, shape)
+                if (_mentionable(d, split) and not any(o.matches(*d) for o in objs)
+                        and any(_near_miss(d, o) for o in objs)):
+                    out["attribute"].append(f"the {_np(*d)}")
+                    out["plural"].append(f"all the {_np_plural(*d)}")
+    m = 0.08 * s
+    landmarks = _landmarks(objs)
+    descs = [d for d in _scene_descriptions(objs) if _mentionable(d, split)]
+    for d in descs:
+        group = [i for i, o in enumerate(objs) if o.matches(*d)]
+        for j, land, ld in landmarks:
+            cands = [i for i in group if i != j]
+            for phrase, holds in _RELATIONS.items():
+                if cands and all(not holds(objs[i], land, -m) for i in cands):
+                    out["relation"].append(f"the {_np(*d)} {phrase} the {_np(*ld)}")
+        if d[0] is None and 1 <= len(group) < len(_ORDINALS):  # "triangle", "red triangle"
+            for side in _AXES:
+                out["ordinal"].append(f"the {_ORDINALS[len(group)]} {_np(*d)} from the {side}")
+    return out
+
+
+def _pick(rng: np.random.Generator, kinds: list[list[str]]) -> list[str]:
+    """1-3 distinct expressions, round-robin over the kinds from a random first one."""
+    want = int(rng.integers(1, 4))
+    first = int(rng.integers(len(kinds)))
+    chosen: list[str] = []
+    for n in range(4 * want):
+        kind = kinds[(first + n) % len(kinds)]
+        e = kind[rng.integers(len(kind))]
+        if e not in chosen:
+            chosen.append(e)
+        if len(chosen) == want:
+            break
+    return chosen
+
+
+def _multi_example(rng: np.random.Generator, split: str, s: int
+                   ) -> tuple[list[_Object], list[int], list[str]]:
+    while True:
+        objs = _multi_scene(rng, split, s)
+        cands = {t: k for t, k in _multi_exprs(objs, s, split).items()
+                 if all(objs[i].visible.any() for i in t)}
+        if cands:
+            break
+    sets = sorted(cands)
+    targets = sets[rng.integers(len(sets))]
+    kinds = [cands[targets][k] for k in ("attribute", "relation") if k in cands[targets]]
+    return objs, list(targets), _pick(rng, kinds)
+
+
+def _no_target_example(rng: np.random.Generator, split: str, s: int
+                       ) -> tuple[list[_Object], list[str]]:
+    while True:
+        objs, _ = _scene(rng, split, s)
+        kinds = [k for k in _no_target_exprs(objs, s, split).values() if k]
+        if kinds:
+            return objs, _pick(rng, kinds)
+
+
+# --------------------------------------------------------------------------------------------
 # Records.
 # --------------------------------------------------------------------------------------------
 
@@ -377,52 +618,87 @@ def _jpeg(img: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def make_example(seed: int, split: str, index: int, image_size: int = 96, tokenizer=None) -> dict:
-    """One record (data_formats.md §7.2 fields) plus `synthetic`: the scene's objects."""
+def make_example(seed: int, split: str, index: int, image_size: int = 96, tokenizer=None, *,
+                 multi_fraction: float = GRES_MULTI_FRACTION,
+                 no_target_fraction: float = GRES_NO_TARGET_FRACTION) -> dict:
+    """One record (data_formats.md §7.2 fields) plus `synthetic`: the scene's objects, the
+    target indices and, in a gres split, the record's kind. The fractions apply to the gres
+    splits only (`gres_kind`)."""
     if split not in _SPLIT_CODE:
-        raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+        raise ValueError(f"unknown split {split!r}; expected one of "
+                         f"{', '.join(SPLITS + GRES_SPLITS)}")
     rng = np.random.default_rng([seed, _SPLIT_CODE[split], index])
     s = image_size
-    while True:
-        objs, t = _scene(rng, split, s)
-        sents = _expressions(rng, objs, t, s)
-        if sents and objs[t].visible.any():
-            break
+    base = _gres_base(split)
+    kind = None
+    if split in GRES_SPLITS:
+        _check_fractions(multi_fraction, no_target_fraction)
+        kind = gres_kind(index, multi_fraction, no_target_fraction)
+    if kind == "multi_target":
+        objs, targets, sents = _multi_example(rng, base, s)
+    elif kind == "no_target":
+        (objs, sents), targets = _no_target_example(rng, base, s), []
+    else:  # the ordinary record (single_target of a gres split: the same generators)
+        while True:
+            objs, t = _scene(rng, base, s)
+            sents = _expressions(rng, objs, t, s)
+            if sents and objs[t].visible.any():
+                break
+        targets = [t]
     img = _background(rng, s)
     for o in objs:  # painter's order: later objects occlude earlier ones
         colour = np.asarray(COLOURS[o.colour], np.float32) + rng.uniform(-12, 12, 3)
         shade = colour[None, :] + rng.normal(0, 6, (int(o.full.sum()), 3))
         img[o.full] = shade
     img = np.clip(np.rint(img), 0, 255).astype(np.uint8)
-    target = objs[t]
-    mask = target.visible
-    ys, xs = np.nonzero(mask)
-    bbox = np.asarray([xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1],
-                      np.float32)
+    t = targets[0] if targets else -1
+    mask = np.zeros((s, s), bool)
+    for i in targets:
+        mask |= objs[i].visible
     raws = [_raw(e, rng) for e in sents]
     ident = _SPLIT_CODE[split] * _ID_STRIDE + index + 1
     rec = {
         "schema_version": 1, "dataset": "synthetic", "split_by": f"seed{seed}", "split": split,
-        "ref_id": ident, "ann_id": ident, "image_id": ident,
-        "category_id": SHAPES.index(target.shape) + 1,
+        "ref_id": ident, "ann_id": ident if targets else -1, "image_id": ident,
+        "category_id": SHAPES.index(objs[t].shape) + 1 if targets else -1,
         "image_file": f"synthetic_{split}_{index:08d}.jpg",
-        "image_jpeg": _jpeg(img), "height": s, "width": s, "bbox": bbox,
+        "image_jpeg": _jpeg(img), "height": s, "width": s, "bbox": _bbox(mask),
         "area": np.float32(mask.sum()), "iscrowd": np.int8(0),
         "mask_count_png": _png(mask),
-        "num_polygons": 1, "overlap_pixels": 0,
+        "num_polygons": len(targets), "overlap_pixels": 0,
         "sent_ids": np.asarray([ident * 10 + k for k in range(len(sents))], np.int64),
         "raw": raws, "sent": list(sents),
-        "synthetic": {"target": t, "objects": [
+        "synthetic": {"target": t, "targets": list(targets), "gres_kind": kind, "objects": [
             {"shape": o.shape, "colour": o.colour, "size": o.size, "cx": o.cx, "cy": o.cy, "r": o.r}
             for o in objs]},
     }
     rec.update(_instance_fields(objs, t, ident))
+    if kind is not None:  # the gRefCOCO fields (records.OPTIONAL_FIELDS), gres splits only
+        ids = rec["instance_ann_ids"]
+        rec.update({
+            "no_target": int(not targets),
+            "target_ann_ids": np.asarray([ids[i] for i in targets], np.int64),
+            "target_category_ids": np.asarray(
+                [SHAPES.index(objs[i].shape) + 1 for i in targets], np.int32),
+            "target_iscrowd": np.zeros((len(targets),), np.int8),
+            "target_bboxes": np.asarray([_bbox(objs[i].visible) for i in targets],
+                                        np.float32).reshape(len(targets), 4),
+        })
     if tokenizer is not None:
         tok = tokenizer.batch_encode(raws, warn=False)
         rec["input_ids"] = tok.ids.astype(np.int32)
         rec["attention_mask"] = tok.attention_mask.astype(np.int8)
         rec["num_wordpieces"] = (tok.num_pieces + 2).astype(np.int32)
     return rec
+
+
+def _bbox(mask: np.ndarray) -> np.ndarray:
+    """[x, y, w, h] around the mask's pixels; zeros for an empty mask."""
+    ys, xs = np.nonzero(mask)
+    if not len(xs):
+        return np.zeros(4, np.float32)
+    return np.asarray([xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1],
+                      np.float32)
 
 
 def _instance_fields(objs: list[_Object], t: int, ann_id: int) -> dict:
@@ -445,40 +721,85 @@ def _stored(rec: dict) -> dict:
 
 def generate(out_dir, num_train: int = 2000, num_val: int = 200, num_heldout: int = 200,
              image_size: int = 96, seed: int = 0, num_shards: int | None = None,
-             verbose: bool = False) -> dict[str, dict]:
-    """Write the train, val and heldout splits under `out_dir`; returns each split's meta."""
+             verbose: bool = False, *, gres: bool = False,
+             gres_multi_fraction: float = GRES_MULTI_FRACTION,
+             gres_no_target_fraction: float = GRES_NO_TARGET_FRACTION) -> dict[str, dict]:
+    """Write the train, val and heldout splits under `out_dir`, and with `gres` also
+    gres_train, gres_val and gres_heldout of the same sizes (module docstring); returns each
+    split's meta. The ordinary splits do not depend on the gres arguments."""
     from magnet_jax.data import records
     from magnet_jax.data.tokenizer import load_tokenizer
 
     if image_size < 32:
         raise ValueError(f"image_size must be at least 32, got {image_size}")
+    _check_fractions(gres_multi_fraction, gres_no_target_fraction)
     tokenizer = load_tokenizer(None)
+    sizes = {"train": num_train, "val": num_val, "heldout": num_heldout}
+    plan = list(sizes.items())
+    if gres:
+        plan += [(split, sizes[_gres_base(split)]) for split in GRES_SPLITS]
     metas = {}
-    for split, n in (("train", num_train), ("val", num_val), ("heldout", num_heldout)):
+    for split, n in plan:
         if n <= 0:
             continue
         start = time.perf_counter()
-        recs = (_stored(make_example(seed, split, i, image_size, tokenizer)) for i in range(n))
-        shards = num_shards or (8 if split == "train" else 2)
-        metas[split] = records.write_shards(
-            recs, out_dir, split, min(shards, n),
-            meta={"dataset": "synthetic", "split_by": f"seed{seed}", "seed": seed,
-                      "image_size": image_size, "tokenizer": "bert-base-uncased (bundled vocab)",
-                      "max_tokens": records.MAX_TOKENS,
-                      # The stored count map is 0/1 (the visible part of the target): both conventions agree.
-                      "mask_convention": "official",
-                      # Every object's visible mask, category = shape (module docstring).
-                      "with_instances": True,
-                      "categories": [{"id": i + 1, "name": sh} for i, sh in enumerate(SHAPES)],
-                      "heldout_pairs": sorted(map(list, HELDOUT_PAIRS)),
-                      "counts": {"refs": n, "images": n, "sentences": None}})
-        metas[split]["counts"]["sentences"] = sum(metas[split]["sentence_counts"])
+        kinds: list[tuple[str, int]] = []  # (gres kind, sentences) per record of a gres split
+
+        def recs(split=split, n=n, kinds=kinds):
+            for i in range(n):
+                ex = make_example(seed, split, i, image_size, tokenizer,
+                                  multi_fraction=gres_multi_fraction,
+                                  no_target_fraction=gres_no_target_fraction)
+                kinds.append((ex["synthetic"]["gres_kind"], len(ex["sent"])))
+                yield _stored(ex)
+
+        shards = num_shards or (8 if split in ("train", "gres_train") else 2)
+        meta = {"dataset": "synthetic", "split_by": f"seed{seed}", "seed": seed,
+                "image_size": image_size, "tokenizer": "bert-base-uncased (bundled vocab)",
+                "max_tokens": records.MAX_TOKENS,
+                # The stored count map is 0/1 (the visible part of the target, or of the
+                # targets, whose visible parts do not overlap): both conventions agree.
+                "mask_convention": "official",
+                # Every object's visible mask, category = shape (module docstring).
+                "with_instances": True,
+                "categories": [{"id": i + 1, "name": sh} for i, sh in enumerate(SHAPES)],
+                "heldout_pairs": sorted(map(list, HELDOUT_PAIRS)),
+                "counts": {"refs": n, "images": n, "sentences": None}}
+        if split in GRES_SPLITS:
+            meta["gres"] = {"base_split": _gres_base(split),
+                            "multi_fraction": gres_multi_fraction,
+                            "no_target_fraction": gres_no_target_fraction,
+                            "kind_rule": "gres_kind(index): frac(index x golden ratio) below "
+                                         "no_target_fraction: no target, then multi target"}
+        metas[split] = records.write_shards(recs(), out_dir, split, min(shards, n), meta=meta)
+        counts = metas[split]["counts"]
+        counts["sentences"] = sum(metas[split]["sentence_counts"])
+        if split in GRES_SPLITS:  # the names of gRefCOCO's meta.json (grefcoco.py)
+            for k in GRES_KINDS:
+                counts[f"{k}_refs"] = sum(kind == k for kind, _ in kinds)
+            for k in GRES_KINDS:
+                counts[f"{k}_sentences"] = sum(c for kind, c in kinds if kind == k)
         records._write_json_atomic(records.meta_path(out_dir, split), metas[split])
         if verbose:
             dt = time.perf_counter() - start
             print(json.dumps({"split": split, "refs": n, "seconds": round(dt, 2),
                                   "examples_per_s": round(n / dt, 1)}), file=sys.stderr)
     return metas
+
+
+def generate_kwargs(synthetic_config) -> dict:
+    """`generate`'s keyword arguments from a config.data.synthetic section (ConfigDict or
+    dict); the gres keys default to off for configs written before they existed."""
+    get = synthetic_config.get
+    return dict(num_train=int(synthetic_config["num_train"]),
+                num_val=int(synthetic_config["num_val"]),
+                num_heldout=int(synthetic_config["num_heldout"]),
+                image_size=int(synthetic_config["image_size"]),
+                seed=int(synthetic_config["seed"]),
+                gres=bool(get("gres", False)),
+                gres_multi_fraction=float(get("gres_multi_fraction", GRES_MULTI_FRACTION)),
+                gres_no_target_fraction=float(get("gres_no_target_fraction",
+                                                  GRES_NO_TARGET_FRACTION)))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -491,9 +812,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--image-size", type=int, default=96)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-shards", type=int, default=None, help="shards per split")
+    p.add_argument("--gres", action="store_true",
+                   help="also write gres_train, gres_val and gres_heldout (generalised RIS: "
+                        "multi-target and no-target expressions)")
+    p.add_argument("--gres-multi-fraction", type=float, default=GRES_MULTI_FRACTION)
+    p.add_argument("--gres-no-target-fraction", type=float, default=GRES_NO_TARGET_FRACTION)
     args = p.parse_args(argv)
     generate(Path(args.out), args.num_train, args.num_val, args.num_heldout, args.image_size,
-             args.seed, args.num_shards, verbose=True)
+             args.seed, args.num_shards, verbose=True, gres=args.gres,
+             gres_multi_fraction=args.gres_multi_fraction,
+             gres_no_target_fraction=args.gres_no_target_fraction)
     return 0
 
 

@@ -10,6 +10,8 @@ All transforms are module-level, picklable classes (grain's worker processes are
     att    int32 (20,)         its attention mask
     ref_id, sent_id int32      (RefCOCO ids fit in int32; JAX runs without x64)
     weight float32             1 for a real example, 0 for evaluation padding
+    no_target int32            1 when the sentence refers to nothing (generalised RIS: the
+                               record's `no_target`, 0 where records lack it); its mask is empty
     flipped bool               whether augmentation mirrored the example
 
 With `instances` (an `instances.InstanceSpec`, MaIL) two more entries:
@@ -132,6 +134,7 @@ class Preprocess:
             "ref_id": np.int32(rec["ref_id"]),
             "sent_id": np.int32(rec["sent_ids"][j]),
             "weight": np.float32(item["weight"]),
+            "no_target": np.int32(rec.get("no_target", 0)),
             "flipped": np.bool_(flipped),
         }
         if self.instances is not None:

@@ -20,6 +20,7 @@ import numpy as np
 from magnet_jax import sharding
 from magnet_jax.data import pipeline, records
 from magnet_jax.evaluation import protocols
+from magnet_jax.evaluation.gres_metrics import GresAccumulator, no_target_from_area
 from magnet_jax.evaluation.metrics import MetricAccumulator, intersection_union
 from magnet_jax.methods.base import Method
 
@@ -63,6 +64,13 @@ class SplitResult:
     rows: dict[str, np.ndarray] | None
 
 
+def has_no_target_field(data_dir: str, split: str) -> bool:
+    """Whether the split is a generalised-RIS one (gRefCOCO, the synthetic gres_* splits): its
+    records carry `no_target`, so sentences may refer to nothing or to several objects."""
+    source = records.RecordSource(data_dir, split)
+    return len(source) > 0 and "no_target" in source[0]
+
+
 class RecordsByRef:
     """The records of a split looked up by ref_id (meta.json lists them in record order)."""
 
@@ -83,6 +91,10 @@ def evaluate_split(eval_step: Callable, params: Any, data_dir: str, split: str, 
                    extra_keys: tuple[str, ...] = ()) -> SplitResult:
     """Metrics of one split; the first `num_overlays` examples saved as PNG overlays.
 
+    A generalised-RIS split (`has_no_target_field`) adds the GRES metrics (gres_metrics.py)
+    under "gres/": an empty predicted mask is the answer "no target" (a model with a
+    no-target head empties its mask when the head says so, methods.base).
+
     tokenizer: the method's own text tokenizer (Method.text_tokenizer); None = stored BERT ids.
     data_kwargs / extra_keys: the method's dataset options and the extra model inputs they add
     to each batch (Method.data_kwargs, Method.extra_input_specs).
@@ -94,6 +106,7 @@ def evaluate_split(eval_step: Callable, params: Any, data_dir: str, split: str, 
     keys = EVAL_KEYS + tuple(extra_keys)
     by_ref = RecordsByRef(data_dir, split) if protocol == "original" else None
     acc = MetricAccumulator()
+    gres = GresAccumulator() if has_no_target_field(data_dir, split) else None
     kept: list[np.ndarray] = []
     saved = 0
     pi, pc = jax.process_index(), jax.process_count()
@@ -107,9 +120,15 @@ def evaluate_split(eval_step: Callable, params: Any, data_dir: str, split: str, 
         batch = pipeline.to_global({k: host_batch[k] for k in keys}, mesh)
         inter, union, coarse = (local_rows(a) for a in eval_step(params, batch))
         weight = host_batch["weight"]
+        gt_area = host_batch["mask"].reshape(len(weight), -1).sum(axis=1, dtype=np.int64)
         if by_ref is not None:
-            inter, union = _original_iu(coarse, host_batch["ref_id"], weight, by_ref, convention)
+            inter, union, gt_area = _original_iu(coarse, host_batch["ref_id"], weight, by_ref,
+                                                 convention)
         acc.update(inter, union, weight)
+        if gres is not None:
+            pred_area = np.asarray(union, np.int64) - gt_area + np.asarray(inter, np.int64)
+            gres.update(inter, union, no_target_from_area(pred_area),
+                        host_batch["no_target"], weight)
         if collect_rows:
             # eval_dataset gives process pi the items pi, pi + pc, pi + 2 pc, ...
             index = pi + pc * (j * per_process + np.arange(len(weight)))
@@ -119,19 +138,25 @@ def evaluate_split(eval_step: Callable, params: Any, data_dir: str, split: str, 
             saved += _save_overlays(host_batch, coarse, weight, num_overlays - saved,
                                     Path(overlay_dir), split, tokenizer)
     rows = _gather_rows(kept) if collect_rows else None
-    return SplitResult(acc.all_processes().result(), rows)
+    metrics = acc.all_processes().result()
+    if gres is not None:
+        metrics.update({f"gres/{k}": v for k, v in gres.all_processes().result().items()})
+    return SplitResult(metrics, rows)
 
 
 def _original_iu(coarse, ref_ids, weight, by_ref: RecordsByRef,
-                 convention: str) -> tuple[np.ndarray, np.ndarray]:
-    """I and U against each record's mask at its native resolution (protocol original)."""
+                 convention: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """I, U and the GT's area against each record's mask at its native resolution (protocol
+    original)."""
     inter = np.zeros(len(coarse), np.int64)
     union = np.zeros(len(coarse), np.int64)
+    gt_area = np.zeros(len(coarse), np.int64)
     for i in np.flatnonzero(weight != 0):
         gt = records.mask_from_count_png(by_ref(ref_ids[i])["mask_count_png"], convention)
         inter[i], union[i] = protocols.intersection_union_np(
             protocols.resize_logits(coarse[i], gt.shape), gt)
-    return inter, union
+        gt_area[i] = int(np.count_nonzero(gt))
+    return inter, union, gt_area
 
 
 def _gather_rows(kept: list[np.ndarray]) -> dict[str, np.ndarray]:

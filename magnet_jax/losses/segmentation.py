@@ -79,10 +79,13 @@ def lavt_weighted_ce(logits: jax.Array, targets: jax.Array, weight: jax.Array,
     return jnp.sum(w_pix * sigmoid_bce_with_logits(logits, y)) / jnp.where(total > 0, total, 1.0)
 
 
-def class_ce_per_sample(pred_logits: jax.Array, target: int = 1) -> jax.Array:
-    """(B, Q, 2) class logits -> (B,) CE of query 0 against ``target`` (1 = object, §2.2)."""
+def class_ce_per_sample(pred_logits: jax.Array, target: int | jax.Array = 1) -> jax.Array:
+    """(B, Q, 2) class logits -> (B,) CE of query 0 against ``target`` (1 = object, 0 =
+    no-object, §2.2): one int for every example, or a (B,) int array (generalised RIS, where
+    a sentence may refer to nothing)."""
     c = pred_logits[:, 0, :].astype(jnp.float32)
-    return jax.nn.logsumexp(c, axis=-1) - c[:, target]
+    target = jnp.broadcast_to(jnp.asarray(target, jnp.int32), c.shape[:1])
+    return jax.nn.logsumexp(c, axis=-1) - jnp.take_along_axis(c, target[:, None], axis=1)[:, 0]
 
 
 def segmentation_loss(
@@ -98,6 +101,7 @@ def segmentation_loss(
     resolution: int | None = None,
     lavt_class_weights: Sequence[float] = (0.9, 1.1),
     prediction_weights: Sequence[float] | None = None,
+    no_target: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Segmentation loss summed over the supervised predictions (§2.1 A/B, defaults §2.3).
 
@@ -111,6 +115,9 @@ def segmentation_loss(
       area-resampled to r × r (soft targets; the §2.3 "120" alternative).
     prediction_weights: one weight per supervised prediction, earliest first and the final one
       last (e.g. a cascade's increasing stage weights); None = all 1.
+    no_target: (B,) int, 1 where the sentence refers to nothing (generalised RIS; its GT mask
+      is empty): the class term's target is then no-object (0) instead of object (1), which
+      trains the class head as a no-target head. None = every example has a target.
     Returns (loss scalar float32, metrics). Metrics hold the raw term values summed over the
     supervised predictions (before the λ weights) and the total "loss_seg"; kind "bce_dice"
     reports loss_bce, loss_dice, loss_cls; kind "lavt_ce" reports loss_ce, loss_cls.
@@ -150,7 +157,8 @@ def segmentation_loss(
     # class_weight is a Python float: the class term is not even traced when off.
     if class_weight > 0:
         classes = jnp.stack([pred["pred_logits"] for pred in predictions])
-        cls = jax.vmap(lambda c: _safe_weighted_mean(class_ce_per_sample(c), w))(classes)
+        target = 1 if no_target is None else 1 - no_target.astype(jnp.int32)
+        cls = jax.vmap(lambda c: _safe_weighted_mean(class_ce_per_sample(c, target), w))(classes)
         terms["loss_cls"] = jnp.sum(pw * cls)
         loss = loss + class_weight * jnp.sum(pw * cls)
     else:

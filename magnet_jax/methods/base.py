@@ -29,12 +29,43 @@ from magnet_jax.models.magnet import mask_logits_at
 BASE_BATCH_KEYS = ("image", "mask", "ids", "att", "weight")
 
 
+# Mask logit written where the no-target head says "no target": sigmoid 0, an empty mask.
+EMPTY_MASK_LOGIT = -1e4
+
+
+def no_target_probability(outputs: Mapping[str, Any]) -> jax.Array:
+    """(B,) probability that the sentence refers to nothing: the class head's no-object
+    softmax of query 0 (class 0 = no-object, 1 = object; training_objectives.md §2.2)."""
+    return jax.nn.softmax(outputs["pred_logits"][:, 0].astype(jnp.float32), axis=-1)[:, 0]
+
+
+def infer_with_no_target(model: nn.Module, params: Any, image: jax.Array, ids: jax.Array,
+                         att: jax.Array, size: tuple[int, int], **extra_inputs: jax.Array
+                         ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """`infer_from_pred_masks` plus the (B,) no-target probability of a model with a class
+    head; where it exceeds the model's `no_target_threshold` (> 0: generalised RIS), both
+    logit maps are emptied (EMPTY_MASK_LOGIT)."""
+    outputs = model.apply({"params": params}, image, ids, att, train=False, **extra_inputs)
+    logits, coarse = mask_logits_at(outputs, size), outputs["pred_masks"][:, 0].astype(jnp.float32)
+    p_none = no_target_probability(outputs)
+    threshold = float(getattr(model, "no_target_threshold", 0.0))
+    if threshold > 0:
+        none = (p_none > threshold)[:, None, None]
+        logits = jnp.where(none, EMPTY_MASK_LOGIT, logits)
+        coarse = jnp.where(none, EMPTY_MASK_LOGIT, coarse)
+    return logits, coarse, p_none
+
+
 def infer_from_pred_masks(model: nn.Module, params: Any, image: jax.Array, ids: jax.Array,
                           att: jax.Array, size: tuple[int, int],
                           **extra_inputs: jax.Array) -> tuple[jax.Array, jax.Array]:
     """-> ((B, *size) float32 mask logits, (B, S/4, S/4) float32 stride-4 logits): query 0 of
     `pred_masks`, upsampled bilinearly with align_corners=True (the official evaluation).
-    `extra_inputs`: the method's optional model inputs (Method.extra_inputs), by keyword."""
+    `extra_inputs`: the method's optional model inputs (Method.extra_inputs), by keyword.
+    A model with `no_target_threshold` > 0 gives empty masks where its no-target head says
+    "no target" (`infer_with_no_target`)."""
+    if float(getattr(model, "no_target_threshold", 0.0)) > 0:
+        return infer_with_no_target(model, params, image, ids, att, size, **extra_inputs)[:2]
     outputs = model.apply({"params": params}, image, ids, att, train=False, **extra_inputs)
     return mask_logits_at(outputs, size), outputs["pred_masks"][:, 0].astype(jnp.float32)
 
@@ -96,6 +127,10 @@ class Method:
     # (the whole config) -> {top-level module name: params} from the method's own `init.*`
     # weights (e.g. CLIP's), overlaid on the fresh params at the start of training.
     import_pretrained: Callable[[ml_collections.ConfigDict], dict] | None = None
+    # Generalised RIS: (model, params, image, ids, att, size, **extra inputs) -> (logits at
+    # size, stride-4 logits, (B,) probability of "no target"), for methods with a no-target
+    # head (the `model.no_target_threshold` switch); None = the method has none.
+    infer_no_target: Callable[..., tuple[jax.Array, jax.Array, jax.Array]] | None = None
 
     def extra_input_specs(self, model_cfg, size: int) -> dict[str, tuple[tuple[int, ...], Any]]:
         """{name: (shape without batch, dtype)} of the optional model inputs; {} for none."""

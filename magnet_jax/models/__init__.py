@@ -69,8 +69,11 @@ def build_magnet(cfg: ml_collections.ConfigDict) -> MagNet:
     if cfg.pixel_decoder.conv_dim != dec.hidden_dim:
         raise ValueError(f"model.pixel_decoder.conv_dim ({cfg.pixel_decoder.conv_dim}) must equal "
                          f"model.decoder.hidden_dim ({dec.hidden_dim})")
+    threshold = float(cfg.get("no_target_threshold", ADDED_MODEL_KEYS["no_target_threshold"]))
+    if not 0.0 <= threshold < 1.0:
+        raise ValueError(f"model.no_target_threshold must be in [0, 1) (0 = off), got {threshold}")
     return MagNet(**trunk, decoder_kwargs=decoder_kwargs,
-                  training_heads=cfg.get("training_heads", False))
+                  training_heads=cfg.get("training_heads", False), no_target_threshold=threshold)
 
 
 def build_model(cfg: ml_collections.ConfigDict):

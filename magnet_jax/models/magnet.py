@@ -202,6 +202,9 @@ class MagNet(nn.Module):
     decoder_kwargs: dict = None
     training_heads: bool = False
     dtype: Dtype = jnp.float32
+    # Generalised RIS (> 0): inference answers "no target" (an empty mask) where the class
+    # head's no-object probability exceeds this (methods.base.infer_with_no_target).
+    no_target_threshold: float = 0.0
 
     def setup(self):
         self.setup_trunk()

@@ -9,7 +9,8 @@ import ml_collections
 # Model keys added after runs and converted weights were stored, with the value that rebuilds
 # those: a stored model config without the key means this value (models.build_magnet, and the
 # resume check of training.checkpointing).
-ADDED_MODEL_KEYS = {"fusion.lang_gate_init": "zeros", "scan_layers": True}
+ADDED_MODEL_KEYS = {"fusion.lang_gate_init": "zeros", "scan_layers": True,
+                    "no_target_threshold": 0.0}
 
 SWIN_SIZES = {
     # name: (embed_dim, depths, num_heads)

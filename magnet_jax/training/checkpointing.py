@@ -39,6 +39,10 @@ RESUMABLE_KEYS = ("model.remat", "model.scan_layers", "train.num_steps", "train.
 # Keys added after runs were stored, with the value that reproduces those runs: a stored
 # config without the key matches a current config holding that value.
 ADDED_KEYS = {f"model.{key}": value for key, value in presets.ADDED_MODEL_KEYS.items()}
+ADDED_KEYS.update({"data.mixture": [], "data.root": "", "data.exclude_eval_of": [],
+                   "data.mixture_force_mixed_conventions": False,
+                   "data.synthetic.gres": False, "data.synthetic.gres_multi_fraction": 0.25,
+                   "data.synthetic.gres_no_target_fraction": 0.15})
 
 
 class CheckpointConfigError(ValueError):

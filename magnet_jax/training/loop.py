@@ -7,7 +7,8 @@ One run = one workdir:
   WORKDIR/overlays/step_N/  prediction overlays of the first evaluation examples
   WORKDIR/curves.png        loss and validation curves (redrawn at every evaluation)
   WORKDIR/params/           the final model parameters (checkpoint_io format: predict/evaluate)
-  WORKDIR/synthetic_data/   the built-in data, when data.dir is empty
+  WORKDIR/synthetic_data/   the built-in data, when data.dir and data.mixture are empty
+  WORKDIR/mixture.json      with data.mixture: the datasets, weights and overlap-filter report
 
 Resume is exact: the state, the data iterator and the step RNG (fold_in(seed, step)) continue
 where the checkpoint stopped, so an interrupted-and-resumed run logs the same losses as an
@@ -19,6 +20,7 @@ step is never saved.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -31,7 +33,7 @@ import jax
 import numpy as np
 
 from magnet_jax import compilation_cache, sharding
-from magnet_jax.data import pipeline, records
+from magnet_jax.data import mixture, pipeline, records
 from magnet_jax.data.transforms import Augment
 from magnet_jax import methods
 from magnet_jax.methods import Method, Objective
@@ -84,9 +86,7 @@ def prepare_data(config, workdir: Path) -> str:
                 os.path.exists(records.meta_path(data_dir, s)) for s in splits):
             from magnet_jax.data import synthetic
             log.info("writing the synthetic dataset to %s", data_dir)
-            synthetic.generate(data_dir, num_train=syn.num_train, num_val=syn.num_val,
-                               num_heldout=syn.num_heldout, image_size=syn.image_size,
-                               seed=syn.seed, verbose=True)
+            synthetic.generate(data_dir, **synthetic.generate_kwargs(syn), verbose=True)
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
             multihost_utils.sync_global_devices("synthetic data written")
@@ -100,14 +100,48 @@ def prepare_data(config, workdir: Path) -> str:
     return data_dir
 
 
-def num_train_steps(config, data_dir: str) -> int:
+def prepare_mixture(config) -> mixture.Mixture | None:
+    """The run's dataset mixture (data.mixture: checked, overlap-filtered, weighted), or None
+    when it trains on data.dir alone."""
+    data = config.data
+    if not data.get("mixture"):
+        if data.get("exclude_eval_of"):
+            raise ConfigError("data.exclude_eval_of needs data.mixture (a mixture of one "
+                              "dataset trains on that dataset alone)")
+        return None
+    if data.dir:
+        raise ConfigError(f"set data.dir or data.mixture, not both (data.dir={data.dir!r})")
+    try:
+        mix = mixture.from_config(data)
+        targets = mix.eval_targets(tuple(data.eval_splits))
+    except mixture.MixtureError as e:
+        raise ConfigError(str(e)) from None
+    best = config.checkpoint.best_metric
+    if config.checkpoint.keep_best and targets and not any(
+            best.startswith(f"{prefix}/") for prefix, _, _ in targets):
+        raise ConfigError(f"checkpoint.best_metric {best!r} is no evaluation of the mixture "
+                          f"(its evaluations: {', '.join(p for p, _, _ in targets)}; e.g. "
+                          f"{targets[0][0]}/oIoU)")
+    return mix
+
+
+def eval_targets(config, data_dir: str, mix: mixture.Mixture | None
+                 ) -> list[tuple[str, str, str]]:
+    """(metric prefix, data dir, split) of each periodic evaluation: "val" on data.dir, or
+    "refcoco/val" per dataset of a mixture."""
+    if mix is None:
+        return [(split, data_dir, split) for split in config.data.eval_splits]
+    return mix.eval_targets(tuple(config.data.eval_splits))
+
+
+def num_train_steps(config, data_dir: str, mix: mixture.Mixture | None = None) -> int:
     t = config.train
     if t.num_steps > 0:
         return int(t.num_steps)
     if t.num_epochs <= 0:
         raise ConfigError("set train.num_steps or train.num_epochs (both are 0)")
-    refs = t.epoch_refs or len(records.read_meta(data_dir, config.data.train_split)
-                               ["sentence_counts"])
+    refs = t.epoch_refs or (mix.num_train_refs if mix is not None else len(
+        records.read_meta(data_dir, config.data.train_split)["sentence_counts"]))
     return max(1, int(t.num_epochs) * int(refs) // int(t.global_batch_size))
 
 
@@ -163,14 +197,17 @@ def optimizer_config(config, total_steps: int):
 
 
 def train_iterator(config, data_dir: str, image_size: int, objective: Objective,
-                   tokenizer=None):
-    """tokenizer: the method's own (Method.text_tokenizer); None = the records' BERT ids."""
-    ds = pipeline.train_dataset(data_dir, config.data.train_split, image_size=image_size,
-                                global_batch=config.train.global_batch_size,
-                                seed=config.data.seed, convention=config.data.convention,
-                                augment=Augment() if config.data.augment else None,
-                                sample=config.data.sample, tokenizer=tokenizer,
-                                **objective.data_kwargs)
+                   tokenizer=None, mix: mixture.Mixture | None = None):
+    """tokenizer: the method's own (Method.text_tokenizer); None = the records' BERT ids.
+    mix: train on this dataset mixture instead of data_dir."""
+    kwargs = dict(image_size=image_size, global_batch=config.train.global_batch_size,
+                  seed=config.data.seed, convention=config.data.convention,
+                  augment=Augment() if config.data.augment else None,
+                  sample=config.data.sample, tokenizer=tokenizer, **objective.data_kwargs)
+    if mix is None:
+        ds = pipeline.train_dataset(data_dir, config.data.train_split, **kwargs)
+    else:
+        ds = mixture.train_dataset(mix, **kwargs)
     return pipeline.make_iterator(ds, config.data.num_workers, read_threads=config.data.read_threads,
                                   prefetch_buffer=config.data.prefetch)
 
@@ -279,8 +316,12 @@ def train(config, workdir: str | os.PathLike, *, allow_config_change: bool = Fal
     workdir = Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
     checkpointing.check_config(workdir, config, allow_config_change)
-    data_dir = prepare_data(config, workdir)
-    total_steps = num_train_steps(config, data_dir)
+    mix = prepare_mixture(config)
+    data_dir = prepare_data(config, workdir) if mix is None else ""
+    if mix is not None and jax.process_index() == 0:
+        (workdir / "mixture.json").write_text(json.dumps(mix.report, indent=1) + "\n")
+    targets = eval_targets(config, data_dir, mix)
+    total_steps = num_train_steps(config, data_dir, mix)
     mesh = make_run_mesh(config)
     method, model_cfg, model = model_from_config(config)
     image_size = int(model_cfg.image_size)
@@ -300,7 +341,7 @@ def train(config, workdir: str | os.PathLike, *, allow_config_change: bool = Fal
         workdir, max_to_keep=config.checkpoint.max_to_keep, keep_best=config.checkpoint.keep_best,
         best_metric=config.checkpoint.best_metric, async_save=config.checkpoint.async_save)
     tokenizer = method.text_tokenizer(model_cfg)
-    data_iter = train_iterator(config, data_dir, image_size, objective, tokenizer)
+    data_iter = train_iterator(config, data_dir, image_size, objective, tokenizer, mix)
     start = ckpt.latest_step()
     if start is not None:
         log.info("resuming from step %d in %s", start, ckpt.directory)
@@ -326,15 +367,15 @@ def train(config, workdir: str | os.PathLike, *, allow_config_change: bool = Fal
     def run_eval(at_step: int) -> dict[str, float]:
         results: dict[str, float] = {}
         params = objective.model_params(state.params)
-        for i, split in enumerate(config.data.eval_splits):
-            r = evaluate_split(eval_step, params, data_dir, split, image_size=image_size,
+        for i, (name, split_dir, split) in enumerate(targets):
+            r = evaluate_split(eval_step, params, split_dir, split, image_size=image_size,
                                global_batch=config.eval.batch_size, mesh=mesh,
                                convention=config.data.convention,
                                num_overlays=config.eval.num_overlays if i == 0 else 0,
                                overlay_dir=workdir / "overlays" / f"step_{at_step:07d}",
                                tokenizer=tokenizer, data_kwargs=method.data_kwargs(model_cfg),
                                extra_keys=extra_keys).metrics
-            results.update({f"{split}/{k}": float(v) for k, v in r.items()})
+            results.update({f"{name}/{k}": float(v) for k, v in r.items()})
         writer.write_scalars(at_step, results)
         _redraw_curves(workdir)
         return results
@@ -438,7 +479,8 @@ def _progress(config, start: int, total: int):
 
 def _report(bar, step: int, metrics: dict[str, float]) -> None:
     shown = {k: v for k, v in metrics.items()
-             if k.endswith(("/oIoU", "/mIoU", "/prec@0.5"))}
+             if k.endswith(("/oIoU", "/mIoU", "/prec@0.5", "/gres/gIoU", "/gres/cIoU",
+                            "/gres/N-acc", "/gres/T-acc"))}
     text = f"step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in shown.items())
     if bar is not None:
         bar.write(text)

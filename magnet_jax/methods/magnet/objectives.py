@@ -26,6 +26,9 @@ from magnet_jax.models.magnet import MagNet
 
 MG_KEY = "mask_grounding"
 MG_BATCH_KEYS = ("mg_ids", "mg_targets")
+# With the class term on (loss.class_weight > 0), the class head learns "no target" from the
+# batch's no_target flags (generalised RIS; all 0 on ordinary REFER data).
+NO_TARGET_KEY = "no_target"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,7 +75,8 @@ def make_loss_fn(model: MagNet, mg_head: nn.Module | None, objectives: Objective
                           return_intermediates=True,
                           masked_ids=batch["mg_ids"] if objectives.uses_mg else None,
                           rngs={"dropout": k_drop, "droppath": k_path})
-        total, metrics = segmentation_loss(out, batch["mask"], batch["weight"], **objectives.seg)
+        total, metrics = segmentation_loss(out, batch["mask"], batch["weight"],
+                                           no_target=batch.get(NO_TARGET_KEY), **objectives.seg)
         inter = out["intermediates"]
         if objectives.uses_mg:
             text = inter["masked_text_final"]
@@ -150,7 +154,8 @@ def make_objective(model: MagNet, config: ml_collections.ConfigDict) -> Objectiv
             min_selected=config.mg.min_selected, vocab_size=config.model.bert.vocab_size)
     return Objective(
         loss_fn=make_loss_fn(model, head, objectives),
-        batch_keys=BASE_BATCH_KEYS + (MG_BATCH_KEYS if objectives.uses_mg else ()),
+        batch_keys=(BASE_BATCH_KEYS + (MG_BATCH_KEYS if objectives.uses_mg else ())
+                    + ((NO_TARGET_KEY,) if objectives.seg.get("class_weight", 0) > 0 else ())),
         head_names=(MG_KEY,) if head is not None else (),
         init_heads=head_initializer(model, head, int(config.model.image_size),
                                     int(config.model.max_tokens)),
