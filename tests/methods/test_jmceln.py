@@ -111,7 +111,7 @@ def test_export_and_predictor_give_the_models_logits(fsdp_run):
     # The Predictor (predict's CLI and API) runs the same inference function.
     from magnet_jax.predict import Predictor
     predictor = Predictor(loaded.config, loaded.params, max_batch=2)
-    logits, _ = predictor._run(image, ids, att)
+    logits, _, _ = predictor._run(image, ids, att)
     np.testing.assert_allclose(logits, np.asarray(direct), atol=1e-5)
 
 

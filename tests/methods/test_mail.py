@@ -279,11 +279,11 @@ def test_export_and_predictor_take_instance_masks(fsdp_run, tmp_path):
                                       instance_valid=valid), direct, atol=1e-5)
     from magnet_jax.predict import Predictor
     predictor = Predictor(cfg, loaded.params, max_batch=2)
-    logits, _ = predictor._run(image, ids, att, {"instance_masks": masks,
+    logits, _, _ = predictor._run(image, ids, att, {"instance_masks": masks,
                                                  "instance_valid": valid})
     np.testing.assert_allclose(logits, np.asarray(direct), atol=1e-5)
     without = infer(loaded.params, image, ids, att)
-    logits, _ = predictor._run(image, ids, att, {
+    logits, _, _ = predictor._run(image, ids, att, {
         k: np.stack([v] * 2) for k, v in predictor.extra_inputs(None).items()})
     np.testing.assert_allclose(logits, np.asarray(without), atol=1e-5)
     from PIL import Image
