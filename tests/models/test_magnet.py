@@ -220,6 +220,8 @@ def test_padding_ids_do_not_matter_in_binary_mode(tiny):
     assert mode_diff > 1e-3  # the two mask modes really differ
 
 
+# Outside CI (pytest -m extended): ~3 min of one CI worker (an eager init, then a grad).
+@pytest.mark.extended
 @pytest.mark.parametrize("gate_init", ["zeros", "normal"])
 def test_language_gate_init_decides_whether_language_fusion_trains(gate_init):
     """§10: the official language res_gates start at exactly zero. Both of their Dense layers

@@ -177,6 +177,9 @@ def test_dataset_configs_are_the_recipe():
 
 
 @pytest.mark.slow
+# Outside CI (pytest -m extended), for CI's 30 minutes; run it when touching the loop's
+# signal handling or checkpoint saving.
+@pytest.mark.extended
 def test_sigterm_saves_and_stops_at_the_step_boundary(shared_data, tmp_path, monkeypatch):
     real = pipeline.to_global
 
