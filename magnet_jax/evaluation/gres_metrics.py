@@ -36,6 +36,8 @@ from typing import Any
 
 import numpy as np
 
+from magnet_jax.evaluation.metrics import gather_sums
+
 THRESHOLDS = (0.7, 0.8, 0.9)
 
 # Counts per (ground truth, prediction) case, in ReLA's names in parentheses.
@@ -125,30 +127,17 @@ class GresAccumulator:
         self.hits += other.hits
 
     def all_processes(self) -> GresAccumulator:
-        """A new accumulator holding the sums over every JAX process (call on all of them).
-
-        The int64 / float64 sums travel bit-exactly as int32 words (JAX without x64 would
-        narrow them), as in `metrics.MetricAccumulator.all_processes`.
-        """
-        import jax
-        from jax.experimental import multihost_utils
-
-        ints = np.concatenate([[self.sum_i, self.sum_u], self.cases, self.hits]).astype(np.int64)
-        words = np.concatenate(
-            [ints.view(np.int32), np.asarray([self.sum_iou], np.float64).view(np.int32)]
-        )
-        if jax.process_count() > 1:
-            words = np.asarray(multihost_utils.process_allgather(words, tiled=False))
-        words = np.ascontiguousarray(words.reshape(-1, words.shape[-1]), np.int32)
+        """A new accumulator holding the sums over every JAX process (call on all of them),
+        bit-exact (`metrics.gather_sums`)."""
+        ints = np.concatenate([[self.sum_i, self.sum_u], self.cases, self.hits])
         out = GresAccumulator(self.thresholds)
-        k, c = 2 * len(ints), len(CASES)
-        for row in words:
+        c = len(CASES)
+        for vals, floats in gather_sums(ints, [self.sum_iou]):
             part = GresAccumulator(self.thresholds)
-            vals = row[:k].view(np.int64)
             part.sum_i, part.sum_u = vals[0], vals[1]
-            part.cases = vals[2 : 2 + c].copy()
-            part.hits = vals[2 + c :].copy()
-            part.sum_iou = row[k:].view(np.float64)[0]
+            part.cases = vals[2 : 2 + c]
+            part.hits = vals[2 + c :]
+            part.sum_iou = floats[0]
             out.merge(part)
         return out
 

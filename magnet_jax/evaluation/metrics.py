@@ -54,6 +54,23 @@ def iou(inter: np.ndarray, union: np.ndarray) -> np.ndarray:
     return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
 
 
+def gather_sums(ints: np.ndarray, floats: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Every JAX process's (int64 sums, float64 sums), one pair per process (call on all).
+
+    The sums travel bit-exactly as int32 words, since JAX without x64 would narrow them.
+    """
+    import jax
+    from jax.experimental import multihost_utils
+
+    ints = np.asarray(ints, np.int64)
+    words = np.concatenate([ints.view(np.int32), np.asarray(floats, np.float64).view(np.int32)])
+    if jax.process_count() > 1:
+        words = np.asarray(multihost_utils.process_allgather(words, tiled=False))
+    words = np.ascontiguousarray(words.reshape(-1, words.shape[-1]), np.int32)
+    k = 2 * len(ints)
+    return [(row[:k].view(np.int64).copy(), row[k:].view(np.float64).copy()) for row in words]
+
+
 class MetricAccumulator:
     """Host-side sums of I, U, IoU, [IoU >= t] and N over real (weight != 0) samples."""
 
@@ -104,29 +121,16 @@ class MetricAccumulator:
         self.num_empty_union += other.num_empty_union
 
     def all_processes(self) -> MetricAccumulator:
-        """A new accumulator holding the sums over every JAX process (call on all of them).
-
-        The int64 / float64 sums travel bit-exactly as int32 words, since JAX without x64 would
-        narrow them.
-        """
-        import jax
-        from jax.experimental import multihost_utils
-
+        """A new accumulator holding the sums over every JAX process (call on all of them),
+        bit-exact (`gather_sums`)."""
         ints = np.concatenate([[self.sum_i, self.sum_u, self.count, self.num_empty_union],
-                               self.hits]).astype(np.int64)
-        words = np.concatenate([ints.view(np.int32),
-                                np.asarray([self.sum_iou], np.float64).view(np.int32)])
-        if jax.process_count() > 1:
-            words = np.asarray(multihost_utils.process_allgather(words, tiled=False))
-        words = np.ascontiguousarray(words.reshape(-1, words.shape[-1]), np.int32)
+                               self.hits])
         out = MetricAccumulator(self.thresholds)
-        k = 2 * len(ints)
-        for row in words:
+        for vals, floats in gather_sums(ints, [self.sum_iou]):
             part = MetricAccumulator(self.thresholds)
-            vals = row[:k].view(np.int64)
             part.sum_i, part.sum_u, part.count, part.num_empty_union = vals[:4]
-            part.hits = vals[4:].copy()
-            part.sum_iou = row[k:].view(np.float64)[0]
+            part.hits = vals[4:]
+            part.sum_iou = floats[0]
             out.merge(part)
         return out
 
