@@ -33,6 +33,7 @@ import argparse  # noqa: E402  (after the environment above)
 import dataclasses  # noqa: E402
 import itertools  # noqa: E402
 import logging  # noqa: E402
+import signal  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import threading  # noqa: E402
@@ -264,7 +265,9 @@ def build_app(model: DemoModel, limits: Limits, work_dir: Path):
                               for r in results], columns=len(results))
         return gallery, mask_files, summary_markdown(results, latency_ms, compiled), ""
 
-    with gr.Blocks(title="magnet_jax demo", analytics_enabled=False) as app:
+    # Uploads and results in Gradio's cache go after an hour (the samples stay).
+    with gr.Blocks(title="magnet_jax demo", analytics_enabled=False,
+                   delete_cache=(3600, 3600)) as app:
         gr.Markdown(
             "# magnet_jax: referring image segmentation\n"
             f"{model.description}.\n\n"
@@ -370,12 +373,20 @@ def main(argv=None) -> int:
         return 2
     log.info("%s", model.description)
     try:
-        serve(model, args.host, args.port, limits)
+        app, url = serve(model, args.host, args.port, limits, block=False, quiet=True)
     except OSError as err:     # the port is taken, or the address is not this machine's
-        print(f"error: cannot serve on {args.host}:{args.port}: {str(err).splitlines()[0]}",
-              file=sys.stderr)
+        reason = ("the port is in use; choose another with --port"
+                  if "empty port" in str(err) else str(err).splitlines()[0])
+        print(f"error: cannot serve on {args.host}:{args.port}: {reason}", file=sys.stderr)
+        samples.cleanup()
         return 2
+    log.info("serving on %s (the first request compiles the model; Ctrl+C stops)", url)
+    # SIGTERM (`kill`, a service manager) stops like Ctrl+C: the temporary files go too.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
+    try:
+        app.block_thread()
     finally:
+        app.close()
         samples.cleanup()
     return 0
 
