@@ -157,12 +157,15 @@ def _assert_only_local(requested: list[str]):
     assert requested and not outside, f"the page fetched from outside: {outside}"
 
 
-def test_a_missing_checkpoint_is_one_line_and_exit_2_before_serving(tmp_path, capsys):
+def test_a_missing_checkpoint_is_one_line_and_exit_2_before_serving(tmp_path, capsys,
+                                                                   monkeypatch):
+    def serve(*args, **kwargs):
+        raise AssertionError("the server was started")
+
+    monkeypatch.setattr(demo, "serve", serve)
     assert demo.main(["--checkpoint", str(tmp_path / "missing")]) == 2
-    captured = capsys.readouterr()
-    err = captured.err.strip()
+    err = capsys.readouterr().err.strip()
     assert err.startswith("error: checkpoint ") and "does not exist" in err and "\n" not in err
-    assert "Running on" not in captured.out
 
 
 def test_bad_inputs_are_refused_with_their_reason(tmp_path):
