@@ -42,7 +42,8 @@ ADDED_KEYS = {f"model.{key}": value for key, value in presets.ADDED_MODEL_KEYS.i
 ADDED_KEYS.update({"data.mixture": [], "data.root": "", "data.exclude_eval_of": [],
                    "data.mixture_force_mixed_conventions": False,
                    "data.synthetic.gres": False, "data.synthetic.gres_multi_fraction": 0.25,
-                   "data.synthetic.gres_no_target_fraction": 0.15})
+                   "data.synthetic.gres_no_target_fraction": 0.15,
+                   "data.synthetic.object_scale": 1.0, "data.synthetic.ordinal_rate": 1.0})
 
 
 class CheckpointConfigError(ValueError):
@@ -113,6 +114,18 @@ def _best_value(metric: str):
     return get
 
 
+def use_single_host_array_saving() -> None:
+    """On one process, save each array from one replica. orbax's default on CPU and TPU,
+    replica-parallel saving, splits every replicated array over its replicas so that hosts
+    share the writing: with one host there is nobody to share with, and each slice is a
+    separate jitted `slice_in_dim` (one compile per shape and offset; a 400-array state over 8
+    CPU devices took minutes to save instead of 1.6 s, docs/benchmarks.md)."""
+    if jax.process_count() == 1:
+        ocp.type_handlers.register_type_handler(
+            jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False),
+            override=True)
+
+
 class TrainCheckpoints:
     """Save and restore {state, data_iter, config} under WORKDIR/checkpoints."""
 
@@ -122,6 +135,7 @@ class TrainCheckpoints:
         if max_to_keep < 1:
             raise ValueError(f"checkpoint.max_to_keep must be >= 1, got {max_to_keep}")
         self.directory = Path(workdir).absolute() / CHECKPOINT_DIR
+        use_single_host_array_saving()
         self.best_metric = best_metric
         policies: list[Any] = [preservation.LatestN(max_to_keep)]
         if keep_best:
