@@ -216,9 +216,11 @@ def _draw_attrs(rng: np.random.Generator, split: str, shape: str | None = None) 
             return s, c
 
 
-def _place(rng, objs: list[_Object], shape: str, colour: str, size: str, s: int) -> bool:
-    """Add one object where every object (the new one included) stays mostly visible."""
-    r = s * (rng.uniform(0.07, 0.10) if size == "small" else rng.uniform(0.15, 0.20))
+def _place(rng, objs: list[_Object], shape: str, colour: str, size: str, s: int,
+           scale: float = 1.0) -> bool:
+    """Add one object where every object (the new one included) stays mostly visible;
+    `scale` multiplies the radius (object_scale)."""
+    r = s * scale * (rng.uniform(0.07, 0.10) if size == "small" else rng.uniform(0.15, 0.20))
     for _ in range(20):
         cx, cy = rng.uniform(r, s - r, 2)
         full = _rasterise(shape, cx, cy, r, s)
@@ -242,7 +244,8 @@ def _cover(objs: list[_Object]) -> np.ndarray | bool:
     return ~covered
 
 
-def _scene(rng: np.random.Generator, split: str, s: int) -> tuple[list[_Object], int]:
+def _scene(rng: np.random.Generator, split: str, s: int, scale: float = 1.0
+           ) -> tuple[list[_Object], int]:
     """Objects in drawing order and the target's index."""
     objs: list[_Object] = []
     if split == "heldout":
@@ -262,10 +265,10 @@ def _scene(rng: np.random.Generator, split: str, s: int) -> tuple[list[_Object],
     order = rng.permutation(len(wanted))
     target = -1
     for k in order:
-        if _place(rng, objs, *wanted[k], s) and k == 0:
+        if _place(rng, objs, *wanted[k], s, scale) and k == 0:
             target = len(objs) - 1
         elif k == 0:  # the target could not be placed: start over (rare)
-            return _scene(rng, split, s)
+            return _scene(rng, split, s, scale)
     for i, o in enumerate(objs):
         o.visible = o.full & _cover(objs[i + 1:])
     return objs, target
@@ -388,9 +391,14 @@ def _raw(sent: str, rng: np.random.Generator) -> str:
     return text
 
 
-def _expressions(rng: np.random.Generator, objs, t, s: int) -> list[str]:
-    kinds = [k for k in (_attribute_exprs(objs, t), _ordinal_exprs(objs, t, s),
-                         _relation_exprs(objs, t, s)) if k]
+def _expressions(rng: np.random.Generator, objs, t, s: int, ordinal_rate: float = 1.0
+                 ) -> list[str]:
+    ordinals = _ordinal_exprs(objs, t, s)
+    # Below 1, ordinals are offered for only that share of the records that have some; no
+    # draw at 1, so the data of ordinal_rate=1 is that of the generator before the option.
+    if ordinals and ordinal_rate < 1.0 and rng.random() >= ordinal_rate:
+        ordinals = []
+    kinds = [k for k in (_attribute_exprs(objs, t), ordinals, _relation_exprs(objs, t, s)) if k]
     if not kinds:
         return []
     want = int(rng.integers(1, 4))
@@ -420,6 +428,21 @@ def gres_kind(index: int, multi_fraction: float = GRES_MULTI_FRACTION,
     if u < no_target_fraction + multi_fraction:
         return "multi_target"
     return "single_target"
+
+
+# Largest radius scale: large objects are 0.15-0.20 of the side at scale 1; above ~1.6 the
+# 3-6 objects no longer fit with 60 % of each visible.
+MAX_OBJECT_SCALE = 1.6
+
+
+def check_style(object_scale: float, ordinal_rate: float) -> None:
+    """object_scale multiplies every object's radius (1 = small 0.07-0.10, large 0.15-0.20
+    of the image side); ordinal_rate is the share of records with an ordinal expression at
+    hand that may use one (1 = all; lower it to make ordinals a smaller part of the data)."""
+    if not 0.5 <= object_scale <= MAX_OBJECT_SCALE:
+        raise ValueError(f"object_scale must be in [0.5, {MAX_OBJECT_SCALE}], got {object_scale}")
+    if not 0.0 <= ordinal_rate <= 1.0:
+        raise ValueError(f"ordinal_rate must be in [0, 1], got {ordinal_rate}")
 
 
 def _check_fractions(multi_fraction: float, no_target_fraction: float) -> None:
@@ -461,7 +484,8 @@ def _landmarks(objs: list[_Object]) -> list[tuple[int, _Object, tuple]]:
     return out
 
 
-def _multi_scene(rng: np.random.Generator, split: str, s: int) -> list[_Object]:
+def _multi_scene(rng: np.random.Generator, split: str, s: int, scale: float = 1.0
+                 ) -> list[_Object]:
     """A scene with a planted group of 2-3 objects of one shape (one colour half the time; the
     held-out pair in heldout), 0-1 other objects of that shape and others up to 3-6 in all."""
     if split == "heldout":
@@ -483,7 +507,7 @@ def _multi_scene(rng: np.random.Generator, split: str, s: int) -> list[_Object]:
         wanted.append((shape, colour, SIZES[rng.integers(2)]))
     objs: list[_Object] = []
     for k in rng.permutation(len(wanted)):
-        _place(rng, objs, *wanted[k], s)
+        _place(rng, objs, *wanted[k], s, scale)
     for i, o in enumerate(objs):
         o.visible = o.full & _cover(objs[i + 1:])
     return objs
@@ -579,10 +603,10 @@ def _pick(rng: np.random.Generator, kinds: list[list[str]]) -> list[str]:
     return chosen
 
 
-def _multi_example(rng: np.random.Generator, split: str, s: int
+def _multi_example(rng: np.random.Generator, split: str, s: int, scale: float = 1.0
                    ) -> tuple[list[_Object], list[int], list[str]]:
     while True:
-        objs = _multi_scene(rng, split, s)
+        objs = _multi_scene(rng, split, s, scale)
         cands = {t: k for t, k in _multi_exprs(objs, s, split).items()
                  if all(objs[i].visible.any() for i in t)}
         if cands:
@@ -593,10 +617,10 @@ def _multi_example(rng: np.random.Generator, split: str, s: int
     return objs, list(targets), _pick(rng, kinds)
 
 
-def _no_target_example(rng: np.random.Generator, split: str, s: int
+def _no_target_example(rng: np.random.Generator, split: str, s: int, scale: float = 1.0
                        ) -> tuple[list[_Object], list[str]]:
     while True:
-        objs, _ = _scene(rng, split, s)
+        objs, _ = _scene(rng, split, s, scale)
         kinds = [k for k in _no_target_exprs(objs, s, split).values() if k]
         if kinds:
             return objs, _pick(rng, kinds)
@@ -620,10 +644,12 @@ def _jpeg(img: np.ndarray) -> bytes:
 
 def make_example(seed: int, split: str, index: int, image_size: int = 96, tokenizer=None, *,
                  multi_fraction: float = GRES_MULTI_FRACTION,
-                 no_target_fraction: float = GRES_NO_TARGET_FRACTION) -> dict:
+                 no_target_fraction: float = GRES_NO_TARGET_FRACTION,
+                 object_scale: float = 1.0, ordinal_rate: float = 1.0) -> dict:
     """One record (data_formats.md §7.2 fields) plus `synthetic`: the scene's objects, the
     target indices and, in a gres split, the record's kind. The fractions apply to the gres
-    splits only (`gres_kind`)."""
+    splits only (`gres_kind`); object_scale and ordinal_rate: `check_style`."""
+    check_style(object_scale, ordinal_rate)
     if split not in _SPLIT_CODE:
         raise ValueError(f"unknown split {split!r}; expected one of "
                          f"{', '.join(SPLITS + GRES_SPLITS)}")
@@ -635,13 +661,13 @@ def make_example(seed: int, split: str, index: int, image_size: int = 96, tokeni
         _check_fractions(multi_fraction, no_target_fraction)
         kind = gres_kind(index, multi_fraction, no_target_fraction)
     if kind == "multi_target":
-        objs, targets, sents = _multi_example(rng, base, s)
+        objs, targets, sents = _multi_example(rng, base, s, object_scale)
     elif kind == "no_target":
-        (objs, sents), targets = _no_target_example(rng, base, s), []
+        (objs, sents), targets = _no_target_example(rng, base, s, object_scale), []
     else:  # the ordinary record (single_target of a gres split: the same generators)
         while True:
-            objs, t = _scene(rng, base, s)
-            sents = _expressions(rng, objs, t, s)
+            objs, t = _scene(rng, base, s, object_scale)
+            sents = _expressions(rng, objs, t, s, ordinal_rate)
             if sents and objs[t].visible.any():
                 break
         targets = [t]
@@ -723,7 +749,8 @@ def generate(out_dir, num_train: int = 2000, num_val: int = 200, num_heldout: in
              image_size: int = 96, seed: int = 0, num_shards: int | None = None,
              verbose: bool = False, *, gres: bool = False,
              gres_multi_fraction: float = GRES_MULTI_FRACTION,
-             gres_no_target_fraction: float = GRES_NO_TARGET_FRACTION) -> dict[str, dict]:
+             gres_no_target_fraction: float = GRES_NO_TARGET_FRACTION,
+             object_scale: float = 1.0, ordinal_rate: float = 1.0) -> dict[str, dict]:
     """Write the train, val and heldout splits under `out_dir`, and with `gres` also
     gres_train, gres_val and gres_heldout of the same sizes (module docstring); returns each
     split's meta. The ordinary splits do not depend on the gres arguments."""
@@ -733,6 +760,7 @@ def generate(out_dir, num_train: int = 2000, num_val: int = 200, num_heldout: in
     if image_size < 32:
         raise ValueError(f"image_size must be at least 32, got {image_size}")
     _check_fractions(gres_multi_fraction, gres_no_target_fraction)
+    check_style(object_scale, ordinal_rate)
     tokenizer = load_tokenizer(None)
     sizes = {"train": num_train, "val": num_val, "heldout": num_heldout}
     plan = list(sizes.items())
@@ -749,13 +777,15 @@ def generate(out_dir, num_train: int = 2000, num_val: int = 200, num_heldout: in
             for i in range(n):
                 ex = make_example(seed, split, i, image_size, tokenizer,
                                   multi_fraction=gres_multi_fraction,
-                                  no_target_fraction=gres_no_target_fraction)
+                                  no_target_fraction=gres_no_target_fraction,
+                                  object_scale=object_scale, ordinal_rate=ordinal_rate)
                 kinds.append((ex["synthetic"]["gres_kind"], len(ex["sent"])))
                 yield _stored(ex)
 
         shards = num_shards or (8 if split in ("train", "gres_train") else 2)
         meta = {"dataset": "synthetic", "split_by": f"seed{seed}", "seed": seed,
-                "image_size": image_size, "tokenizer": "bert-base-uncased (bundled vocab)",
+                "image_size": image_size, "style": style_meta(object_scale, ordinal_rate),
+                "tokenizer": "bert-base-uncased (bundled vocab)",
                 "max_tokens": records.MAX_TOKENS,
                 # The stored count map is 0/1 (the visible part of the target, or of the
                 # targets, whose visible parts do not overlap): both conventions agree.
@@ -799,7 +829,14 @@ def generate_kwargs(synthetic_config) -> dict:
                 gres=bool(get("gres", False)),
                 gres_multi_fraction=float(get("gres_multi_fraction", GRES_MULTI_FRACTION)),
                 gres_no_target_fraction=float(get("gres_no_target_fraction",
-                                                  GRES_NO_TARGET_FRACTION)))
+                                                  GRES_NO_TARGET_FRACTION)),
+                object_scale=float(get("object_scale", 1.0)),
+                ordinal_rate=float(get("ordinal_rate", 1.0)))
+
+
+def style_meta(object_scale: float = 1.0, ordinal_rate: float = 1.0) -> dict:
+    """The generator settings a meta.json records (data written before them: the defaults)."""
+    return {"object_scale": float(object_scale), "ordinal_rate": float(ordinal_rate)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -817,11 +854,16 @@ def main(argv: list[str] | None = None) -> int:
                         "multi-target and no-target expressions)")
     p.add_argument("--gres-multi-fraction", type=float, default=GRES_MULTI_FRACTION)
     p.add_argument("--gres-no-target-fraction", type=float, default=GRES_NO_TARGET_FRACTION)
+    p.add_argument("--object-scale", type=float, default=1.0,
+                   help="multiplies every object's radius (check_style)")
+    p.add_argument("--ordinal-rate", type=float, default=1.0,
+                   help="share of records that may use an ordinal expression")
     args = p.parse_args(argv)
     generate(Path(args.out), args.num_train, args.num_val, args.num_heldout, args.image_size,
              args.seed, args.num_shards, verbose=True, gres=args.gres,
              gres_multi_fraction=args.gres_multi_fraction,
-             gres_no_target_fraction=args.gres_no_target_fraction)
+             gres_no_target_fraction=args.gres_no_target_fraction,
+             object_scale=args.object_scale, ordinal_rate=args.ordinal_rate)
     return 0
 
 

@@ -90,6 +90,7 @@ def prepare_data(config, workdir: Path) -> str:
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
             multihost_utils.sync_global_devices("synthetic data written")
+        _check_synthetic_matches(data_dir, config.data.train_split, syn)
     for split in splits:
         try:
             records.read_meta(data_dir, split)
@@ -98,6 +99,25 @@ def prepare_data(config, workdir: Path) -> str:
                               f"data ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
                               ) from None
     return data_dir
+
+
+def _check_synthetic_matches(data_dir: str, split: str, syn) -> None:
+    """Synthetic data already in the workdir must be what config.data.synthetic asks for (a
+    workdir of an older default would otherwise train silently on other data)."""
+    from magnet_jax.data import synthetic
+    try:
+        meta = records.read_meta(data_dir, split)
+    except Exception:  # noqa: BLE001: unreadable data is reported by the caller's check
+        return
+    want = synthetic.generate_kwargs(syn)
+    have = dict(synthetic.style_meta(), **meta.get("style", {}),
+                image_size=meta.get("image_size"), seed=meta.get("seed"))
+    diff = [f"{k} {have[k]} (config {want[k]})" for k in
+            ("image_size", "seed", "object_scale", "ordinal_rate")
+            if have.get(k) is not None and have[k] != want[k]]
+    if diff:
+        raise ConfigError(f"the synthetic data in {data_dir} was written with "
+                          f"{', '.join(diff)}; use another --workdir or delete that folder")
 
 
 def prepare_mixture(config) -> mixture.Mixture | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import re
 
 import numpy as np
@@ -241,3 +242,39 @@ def test_instance_fields_are_every_visible_object(data_dir):
     ex = synthetic.make_example(0, "train", 3, SIZE)
     objs = ex["synthetic"]["objects"]
     assert ex["instance_category_names"] == [o["shape"] for o in objs]  # drawing order
+
+
+def test_object_scale_and_ordinal_rate():
+    base = [synthetic.make_example(0, "val", i, SIZE) for i in range(40)]
+    scaled = [synthetic.make_example(0, "val", i, SIZE, object_scale=1.3) for i in range(40)]
+    radii = [o["r"] / SIZE for ex in scaled for o in ex["synthetic"]["objects"]]
+    assert min(radii) >= 0.07 * 1.3 - 1e-6 and max(radii) <= 0.20 * 1.3 + 1e-6
+    assert max(radii) > 0.20                     # beyond the base range
+    assert np.mean([ex["area"] for ex in scaled]) > 1.4 * np.mean([ex["area"] for ex in base])
+    kinds = [synthetic.expression_kind(s) for ex in base for s in ex["sent"]]
+    assert "ordinal" in kinds
+    none = [synthetic.make_example(0, "val", i, SIZE, ordinal_rate=0.0) for i in range(40)]
+    assert not [s for ex in none for s in ex["sent"] if synthetic.expression_kind(s) == "ordinal"]
+    # Rate 1 draws nothing more: the base data, byte for byte.
+    same = synthetic.make_example(0, "val", 5, SIZE, ordinal_rate=1.0, object_scale=1.0)
+    assert same["image_jpeg"] == base[5]["image_jpeg"] and same["raw"] == base[5]["raw"]
+    with pytest.raises(ValueError, match="object_scale"):
+        synthetic.make_example(0, "val", 0, SIZE, object_scale=3.0)
+    with pytest.raises(ValueError, match="ordinal_rate"):
+        synthetic.make_example(0, "val", 0, SIZE, ordinal_rate=1.5)
+
+
+def test_workdir_data_of_another_style_is_refused(tmp_path):
+    """A workdir holding the synthetic data of another generator setting (an older default)
+    is a one-line error, not a silent run on other data."""
+    from configs import magnet
+    from magnet_jax.training import loop
+
+    config = magnet.get_config("tiny")
+    config.data.synthetic.update(dict(num_train=4, num_val=2, num_heldout=2, image_size=32))
+    loop.prepare_data(config, tmp_path)
+    meta = json.loads(records.meta_path(tmp_path / loop.SYNTHETIC_DIR, "train").read_text())
+    assert meta["style"] == {"object_scale": 1.0, "ordinal_rate": 1.0}
+    config.data.synthetic.object_scale = 1.3
+    with pytest.raises(loop.ConfigError, match=r"object_scale 1\.0 \(config 1\.3\)"):
+        loop.prepare_data(config, tmp_path)

@@ -291,7 +291,8 @@ def test_bad_fractions_and_config_keys():
     assert (kwargs["gres_multi_fraction"], kwargs["gres_no_target_fraction"]) == (
         synthetic.GRES_MULTI_FRACTION, synthetic.GRES_NO_TARGET_FRACTION)
     old = {k: syn[k] for k in ("num_train", "num_val", "num_heldout", "image_size", "seed")}
-    assert synthetic.generate_kwargs(old) == kwargs  # configs from before the keys: off
+    # Configs from before the keys: gres off, the generator's base style.
+    assert synthetic.generate_kwargs(old) == dict(kwargs, object_scale=1.0, ordinal_rate=1.0)
 
 
 def test_evaluator_sees_a_generalised_split(dirs):
