@@ -48,6 +48,7 @@ from magnet_jax.models.presets import tiny_model_config
 log = logging.getLogger("magnet_jax.predict")
 
 DEMO_TEXT = "the red circle on the left"
+DEFAULT_RUN = os.path.join("workdir", "synthetic")   # README command 1's run
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
 
@@ -217,6 +218,32 @@ class Predictor:
         return result[0] if isinstance(text, str) else result
 
 
+def has_checkpoint(workdir: str | os.PathLike) -> bool:
+    """Whether a training workdir holds a finished checkpoint `restore` can read."""
+    checkpoints = Path(workdir) / "checkpoints"
+    return checkpoints.is_dir() and any(p.name.isdigit() for p in checkpoints.iterdir())
+
+
+def default_run_sample(predictor: Predictor, out_dir: Path) -> tuple[str, str]:
+    """A held-out scene of the default run's synthetic data (the run's generator settings, at
+    its input size) written as JPEG next to the outputs, and its first true sentence."""
+    from magnet_jax.data import synthetic
+    from magnet_jax.restore import RUN_CONFIG
+    run_config = Path(DEFAULT_RUN) / RUN_CONFIG
+    syn = json.loads(run_config.read_text()).get("data", {}).get("synthetic", {}) \
+        if run_config.is_file() else {}
+    kwargs = synthetic.generate_kwargs({**synthetic.style_meta(), "num_train": 0, "num_val": 0,
+                                        "num_heldout": 0, "seed": 0,
+                                        "image_size": predictor.image_size, **syn})
+    record = synthetic.make_example(kwargs["seed"], "heldout", 1, kwargs["image_size"],
+                                    object_scale=kwargs["object_scale"],
+                                    ordinal_rate=kwargs["ordinal_rate"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "demo-input.jpg"
+    path.write_bytes(record["image_jpeg"])
+    return str(path), record["sent"][0]
+
+
 def demo_predictor(image_size: int = 128, seed: int = 0) -> Predictor:
     """A small model with random weights: shows the whole pipeline without any download."""
     cfg = tiny_model_config(image_size)
@@ -229,7 +256,9 @@ def _parse(argv):
     p.add_argument("--checkpoint", help="converted weights, a training workdir or WORKDIR/params")
     p.add_argument("--step", help="training workdirs: latest (default), best or a step number")
     p.add_argument("--demo", action="store_true",
-                   help="use a small untrained model and the bundled sample image")
+                   help="the trained default run in workdir/synthetic (its best checkpoint, "
+                        "a held-out synthetic scene) if there is one, else a small model with "
+                        "random weights and the bundled sample image")
     p.add_argument("--image", help="an image file, or a folder of images")
     p.add_argument("--text", action="append",
                    help="referring expression (repeat for several per image)")
@@ -372,13 +401,22 @@ def main(argv=None) -> int:
     from magnet_jax.restore import RestoreError
     try:
         start = time.time()
-        if args.demo:
+        if args.demo and has_checkpoint(DEFAULT_RUN):
+            predictor = Predictor.from_checkpoint(DEFAULT_RUN, args.tokenizer, args.image_size,
+                                                  step=args.step or "best",
+                                                  max_batch=args.batch_size)
+            if not args.image:
+                args.image, sentence = default_run_sample(predictor, Path(args.out).parent)
+                args.text = args.text or [sentence]
+            log.info("demo: the trained default run in %s (its best checkpoint)", DEFAULT_RUN)
+        elif args.demo:
             from magnet_jax.assets import SAMPLE_IMAGE
             args.image = args.image or SAMPLE_IMAGE
             args.text = args.text or [DEMO_TEXT]
             predictor = demo_predictor(args.image_size or 128)
-            log.info("demo: small untrained model (random weights); the mask shows the pipeline, "
-                     "not a trained prediction")
+            log.info("demo: no trained default run in %s (train one with `python -m "
+                     "magnet_jax.train`), so a small model with RANDOM weights: the mask shows "
+                     "the pipeline, not a trained prediction", DEFAULT_RUN)
         else:
             predictor = Predictor.from_checkpoint(args.checkpoint, args.tokenizer, args.image_size,
                                                   step=args.step, max_batch=args.batch_size)

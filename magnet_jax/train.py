@@ -117,6 +117,27 @@ def main(argv: list[str]) -> None:
                         if k.endswith(("/oIoU", "/mIoU", "/gres/gIoU", "/gres/N-acc")))
     print(f"{result.stopped} at step {result.step} in {result.seconds / 60:.1f} min; "
           f"{summary}; workdir {Path(workdir).absolute()}", flush=True)
+    if result.stopped == "done":
+        print(where_to_look(Path(workdir)), flush=True)
+
+
+def where_to_look(workdir: Path) -> str:
+    """What a finished run leaves to look at, and the commands that use it."""
+    lines = ["", "Where to look:"]
+    overlays = sorted((workdir / "overlays").glob("step_*"))
+    if overlays:
+        lines.append(f"  overlays (prediction | ground truth)  {overlays[-1]}/")
+    if (workdir / "curves.png").exists():
+        lines.append(f"  loss and metric curves                {workdir / 'curves.png'}")
+    lines.append(f"  metrics, one JSON line per log        {workdir / 'metrics.jsonl'}")
+    lines += [
+        "  evaluate the best checkpoint:  python -m magnet_jax.evaluate "
+        f"--checkpoint {workdir} --step best",
+        f"  try it in the browser:         python -m magnet_jax.demo --checkpoint {workdir}",
+        f"  predict one image:             python -m magnet_jax.predict --checkpoint {workdir} "
+        "--image IMG --text \"the red circle\" --out mask.png --overlay overlay.png",
+    ]
+    return "\n".join(lines)
 
 
 def run() -> None:

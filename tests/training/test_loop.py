@@ -197,3 +197,15 @@ def test_sigterm_saves_and_stops_at_the_step_boundary(shared_data, tmp_path, mon
     assert (result.stopped, result.step) == ("preempted", 2)
     assert checkpointing.TrainCheckpoints(tmp_path).all_steps() == [2]
     assert signal.getsignal(signal.SIGTERM) == before           # handler restored
+
+
+def test_a_finished_run_says_where_to_look(tmp_path):
+    from magnet_jax.train import where_to_look
+    (tmp_path / "overlays" / "step_0000600").mkdir(parents=True)
+    (tmp_path / "overlays" / "step_0001800").mkdir()
+    (tmp_path / "curves.png").write_bytes(b"png")
+    text = where_to_look(tmp_path)
+    assert f"{tmp_path}/overlays/step_0001800/" in text and "step_0000600" not in text
+    assert str(tmp_path / "curves.png") in text
+    assert f"python -m magnet_jax.demo --checkpoint {tmp_path}" in text
+    assert f"python -m magnet_jax.evaluate --checkpoint {tmp_path} --step best" in text
