@@ -22,6 +22,12 @@ normalise, batch; ids are stored tokenised) with 0, 1 and 2 worker processes (--
 examples/s over --data_batches batches after --data_warmup batches (worker start-up is timed
 separately).
 
+save: orbax saves of the config's whole train state on the run's mesh (all devices;
+XLA_FLAGS=--xla_force_host_platform_device_count=8 simulates 8 on a CPU), with orbax's
+default array saving (replica-parallel: each replicated array is split over its replicas)
+and with the one-replica saving that TrainCheckpoints uses on one process, side by side:
+seconds of each of --iters saves (the first includes any compilation).
+
 Figures go to docs/benchmarks.md with the machine, command and date.
 """
 
@@ -57,7 +63,7 @@ _DATA_WARMUP = flags.DEFINE_integer("data_warmup", 3, "bench data: untimed batch
 for _name in ("batch_size", "image_size", "global_batch", "data_batches", "data_warmup"):
     flags.DEFINE_alias(_name.replace("_", "-"), _name)
 
-WHATS = ("forward", "data", "train", "compile")
+WHATS = ("forward", "data", "train", "compile", "save")
 COMPILE_PARTS = ("forward", "train")
 # Dense bf16 peak FLOP/s per chip, for model FLOPs utilisation (vendor figures).
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v4": 275e12,
@@ -212,6 +218,50 @@ def bench_train(config, batch_size: int, iters: int, seed: int) -> dict:
     if peak and flops:
         result["mfu"] = round(flops / step_s / (peak * len(jax.devices())), 4)
     return result
+
+
+def bench_save(config, iters: int, seed: int) -> list[dict]:
+    """Seconds per orbax save of the train state: orbax's default array handler, then ours."""
+    import shutil
+    import tempfile
+
+    import jax
+    import orbax.checkpoint as ocp
+    from magnet_jax.training import checkpointing, loop
+    from magnet_jax.training.optimizer import make_optimizer
+    from magnet_jax.training.step import init_train_state
+
+    mesh = loop.make_run_mesh(config)
+    method, model_cfg, model = loop.model_from_config(config)
+    objective = loop.objective_from_config(config, method, model)
+    opt_cfg = loop.optimizer_config(config, 10)
+    state, _, _ = init_train_state(model, objective.init_heads,
+                                   lambda p: make_optimizer(p, opt_cfg),
+                                   int(model_cfg.image_size), seed, mesh,
+                                   max_tokens=int(model_cfg.max_tokens))
+    leaves = jax.tree.leaves(state)
+    results = []
+    for name, handler in (("orbax default (replica-parallel)", ocp.type_handlers.ArrayHandler()),
+                          ("one replica (TrainCheckpoints)", None)):
+        if handler is None:
+            checkpointing.use_single_host_array_saving()
+        else:
+            ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
+        directory = tempfile.mkdtemp(prefix="magnet_jax_bench_save_")
+        manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
+            enable_async_checkpointing=False, create=True))
+        seconds = []
+        for i in range(iters):
+            start = time.perf_counter()
+            manager.save(i, args=ocp.args.StandardSave(state))
+            manager.wait_until_finished()
+            seconds.append(round(time.perf_counter() - start, 2))
+        manager.close()
+        shutil.rmtree(directory, ignore_errors=True)
+        results.append(dict(what="save", config=config.name, saving=name,
+                            devices=len(jax.devices()), mesh=dict(mesh.shape),
+                            arrays=len(leaves), save_s=seconds))
+    return results
 
 
 def hlo_size(text: str) -> dict:
@@ -374,6 +424,14 @@ def main(argv):
                   file=sys.stderr)
             return 2
         for record in bench_compile(_CONFIG.value, _BATCH.value, _PARTS.value, _SEED.value):
+            print(json.dumps(record), flush=True)
+        return 0
+    if argv[1] == "save":
+        if _CONFIG.value is None:
+            print("error: bench save needs --config FILE[:ARG] (e.g. configs/magnet.py:tiny)",
+                  file=sys.stderr)
+            return 2
+        for record in bench_save(_CONFIG.value, max(_ITERS.value, 1), _SEED.value):
             print(json.dumps(record), flush=True)
         return 0
     if argv[1] == "train":
