@@ -214,7 +214,9 @@ def test_the_teacher_gets_no_gradient_from_distillation(micro_model):
 
     expected = jax.jit(jax.grad(student_only))(params)
     for a, e in zip(jax.tree.leaves(grads), jax.tree.leaves(expected)):
-        np.testing.assert_allclose(a, e, rtol=1e-5, atol=1e-6)
+        # Two programs (one 2B batch vs two passes) sum in another order: float32 rounding of
+        # ~1e-6 of the leaf's scale; a gradient through the teacher would be of its order.
+        np.testing.assert_allclose(a, e, rtol=1e-5, atol=1e-5 * max(float(np.abs(e).max()), 1.0))
 
 
 def test_config_errors():
