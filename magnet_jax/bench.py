@@ -231,7 +231,11 @@ def bench_save(config, iters: int, seed: int) -> list[dict]:
     from magnet_jax.training.optimizer import make_optimizer
     from magnet_jax.training.step import init_train_state
 
-    mesh = loop.make_run_mesh(config)
+    from magnet_jax import sharding
+
+    # The run's data × fsdp split of all devices; batch sizes play no part in a save.
+    fsdp = max(int(config.train.mesh_fsdp), 1)
+    mesh = sharding.make_mesh(len(jax.devices()) // fsdp, fsdp, jax.devices())
     method, model_cfg, model = loop.model_from_config(config)
     objective = loop.objective_from_config(config, method, model)
     opt_cfg = loop.optimizer_config(config, 10)
