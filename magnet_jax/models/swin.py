@@ -12,7 +12,6 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from magnet_jax.models import ops
 from magnet_jax.models.layers import DropPath, dense, gelu, layer_norm, normal_002
