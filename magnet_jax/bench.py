@@ -166,24 +166,35 @@ def train_batch(config, objective, batch_size: int, seed: int) -> dict:
     return {k: batch[k] for k in objective.batch_keys}
 
 
+def _random_train_state(config, num_steps: int, seed: int):
+    """The config's method, model section, objective and randomly initialised train state on
+    the run's mesh -> (mesh, method, model_cfg, objective, state, shardings, tx)."""
+    from magnet_jax.training import loop
+    from magnet_jax.training.optimizer import make_optimizer
+    from magnet_jax.training.step import init_train_state
+
+    mesh = loop.make_run_mesh(config)
+    method, model_cfg, model = loop.model_from_config(config)
+    objective = loop.objective_from_config(config, method, model)
+    opt_cfg = loop.optimizer_config(config, num_steps)
+    state, shardings, tx = init_train_state(model, objective.init_heads,
+                                            lambda p: make_optimizer(p, opt_cfg),
+                                            int(model_cfg.image_size), seed, mesh,
+                                            max_tokens=int(model_cfg.max_tokens))
+    return mesh, method, model_cfg, objective, state, shardings, tx
+
+
 def bench_train(config, batch_size: int, iters: int, seed: int) -> dict:
     """The full jitted train step (every configured objective) on random weights and inputs."""
     import jax
     import numpy as np
     from magnet_jax import sharding
-    from magnet_jax.training import loop
-    from magnet_jax.training.optimizer import make_optimizer
-    from magnet_jax.training.step import init_train_state, jit_train_step, make_train_step
+    from magnet_jax.training.step import jit_train_step, make_train_step
 
     config = _with_batch(config, batch_size)
-    mesh = loop.make_run_mesh(config)
-    method, model_cfg, model = loop.model_from_config(config)
-    objective = loop.objective_from_config(config, method, model)
-    opt_cfg = loop.optimizer_config(config, max(iters + 2, 10))
+    mesh, method, model_cfg, objective, state, shardings, tx = _random_train_state(
+        config, max(iters + 2, 10), seed)
     size = int(model_cfg.image_size)
-    state, shardings, tx = init_train_state(model, objective.init_heads,
-                                            lambda p: make_optimizer(p, opt_cfg), size, seed, mesh,
-                                            max_tokens=int(model_cfg.max_tokens))
     host = train_batch(config, objective, batch_size, seed)
     batch = jax.device_put({k: host[k] for k in objective.batch_keys},
                            sharding.batch_sharding(mesh))
@@ -227,22 +238,11 @@ def bench_save(config, iters: int, seed: int) -> list[dict]:
 
     import jax
     import orbax.checkpoint as ocp
-    from magnet_jax.training import checkpointing, loop
-    from magnet_jax.training.optimizer import make_optimizer
-    from magnet_jax.training.step import init_train_state
+    from magnet_jax.training import checkpointing
 
-    from magnet_jax import sharding
-
-    # The run's data × fsdp split of all devices; batch sizes play no part in a save.
-    fsdp = max(int(config.train.mesh_fsdp), 1)
-    mesh = sharding.make_mesh(len(jax.devices()) // fsdp, fsdp, jax.devices())
-    method, model_cfg, model = loop.model_from_config(config)
-    objective = loop.objective_from_config(config, method, model)
-    opt_cfg = loop.optimizer_config(config, 10)
-    state, _, _ = init_train_state(model, objective.init_heads,
-                                   lambda p: make_optimizer(p, opt_cfg),
-                                   int(model_cfg.image_size), seed, mesh,
-                                   max_tokens=int(model_cfg.max_tokens))
+    # Batch sizes play no part in a save: one per device passes the run's mesh checks.
+    config = _with_batch(config, len(jax.devices()))
+    mesh, _, _, _, state, _, _ = _random_train_state(config, 10, seed)
     leaves = jax.tree.leaves(state)
     results = []
     for name, handler in (("orbax default (replica-parallel)", ocp.type_handlers.ArrayHandler()),
@@ -430,19 +430,16 @@ def main(argv):
         for record in bench_compile(_CONFIG.value, _BATCH.value, _PARTS.value, _SEED.value):
             print(json.dumps(record), flush=True)
         return 0
+    if argv[1] in ("save", "train") and _CONFIG.value is None:
+        example = "configs/magnet.py:tiny" if argv[1] == "save" else "configs/synthetic.py"
+        print(f"error: bench {argv[1]} needs --config FILE[:ARG] (e.g. {example})",
+              file=sys.stderr)
+        return 2
     if argv[1] == "save":
-        if _CONFIG.value is None:
-            print("error: bench save needs --config FILE[:ARG] (e.g. configs/magnet.py:tiny)",
-                  file=sys.stderr)
-            return 2
         for record in bench_save(_CONFIG.value, max(_ITERS.value, 1), _SEED.value):
             print(json.dumps(record), flush=True)
         return 0
     if argv[1] == "train":
-        if _CONFIG.value is None:
-            print("error: bench train needs --config FILE[:ARG] (e.g. configs/synthetic.py)",
-                  file=sys.stderr)
-            return 2
         print(json.dumps(bench_train(_CONFIG.value, _BATCH.value, _ITERS.value, _SEED.value)))
         return 0
     if _CHECKPOINT.value:
