@@ -3,8 +3,9 @@
 ARG                 model, data and recipe
 ---                 ------------------------------------------------------------------------
 synthetic           (default of `python -m magnet_jax.train`) the CI-sized model at 64×64 on
-                    the built-in synthetic data (objects 1.3× the base size, ordinals in 17 %
-                    of val), generated into WORKDIR on first use, language gates trainable;
+                    the built-in synthetic data (three objects a scene, 1.5× the base size,
+                    ordinals in 16-18 % of val), generated into WORKDIR on first use,
+                    language gates trainable;
                     trains in about 20 minutes on a 2-core CPU (docs/results.md).
 refcoco, refcoco+, refcocog_umd, refcocog_google
                     Swin-B (window 12) + BERT-base at 480×480 on converted REFER data
@@ -134,8 +135,9 @@ def get_config(arg: str = "synthetic") -> ml_collections.ConfigDict:
             # no-target expressions, docs/data.md); train/val/heldout are the same either way.
             gres=False, gres_multi_fraction=0.25, gres_no_target_fraction=0.15,
             # Object radius x object_scale; ordinal_rate: share of records that may use an
-            # ordinal expression (synthetic.check_style). 1, 1 = the generator's base data.
-            object_scale=1.0, ordinal_rate=1.0)),
+            # ordinal expression; max_objects: most objects in a scene, 3-6
+            # (synthetic.check_style). 1, 1, 6 = the generator's base data.
+            object_scale=1.0, ordinal_rate=1.0, max_objects=6)),
     ))
     config.train = ml_collections.ConfigDict(dict(
         global_batch_size=16,
@@ -204,14 +206,16 @@ def get_config(arg: str = "synthetic") -> ml_collections.ConfigDict:
 
 
 def _first_run_default(config: ml_collections.ConfigDict) -> None:
-    """What `python -m magnet_jax.train` trains (docs/results.md, "The first run"): objects
-    1.3x the generator's base radius (shapes still tell apart at 64 px), ordinals offered in
-    45 % of the records that have one (17 % of val sentences), and language-side fusion gates
-    that can train (official zeros never leave zero, so vision never reaches the words).
-    Unrolled layers: this small model's CPU step runs 1.16x faster than scanned, for ~15 s
-    more compilation (docs/benchmarks.md, "Compile time"); the parameters are the same."""
-    config.data.synthetic.object_scale = 1.3
-    config.data.synthetic.ordinal_rate = 0.45
+    """What `python -m magnet_jax.train` trains (docs/results.md, "The first run"): scenes of
+    three objects 1.5x the generator's base radius (most with a distractor of the target's
+    shape), ordinals offered in half of the records that have one (16-18 % of val sentences),
+    and language-side fusion gates that can train (official zeros never leave zero, so vision
+    never reaches the words). Unrolled layers: this small model's CPU step runs 1.16x faster
+    than scanned, for ~15 s more compilation (docs/benchmarks.md, "Compile time"); the
+    parameters are the same."""
+    config.data.synthetic.object_scale = 1.5
+    config.data.synthetic.max_objects = 3
+    config.data.synthetic.ordinal_rate = 0.5
     config.model.fusion.lang_gate_init = "normal"
     config.model.fusion.lang_pwam_mask = "binary"
     config.model.scan_layers = False

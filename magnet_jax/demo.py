@@ -166,16 +166,15 @@ class DemoModel:
         return results, latency_ms, compiled
 
 
-def synthetic_samples(out_dir: Path, image_size: int, seed: int, object_scale: float = 1.0,
-                      ordinal_rate: float = 1.0) -> list[Sample]:
+def synthetic_samples(out_dir: Path, image_size: int, seed: int, style: dict | None = None
+                      ) -> list[Sample]:
     """Scenes of the synthetic data's val and held-out splits (deterministic for a seed and the
-    run's generator style), as the JPEG files the training pipeline reads, each with its first
-    true sentence."""
-    from magnet_jax.data.synthetic import make_example
+    run's generator style, a config.data.synthetic section: synthetic.style_kwargs), as the
+    JPEG files the training pipeline reads, each with its first true sentence."""
+    from magnet_jax.data.synthetic import make_example, style_kwargs
     samples = []
     for split, index in SYNTHETIC_SAMPLES:
-        record = make_example(seed, split, index, image_size, object_scale=object_scale,
-                              ordinal_rate=ordinal_rate)
+        record = make_example(seed, split, index, image_size, **style_kwargs(style or {}))
         path = out_dir / f"synthetic-{split}-{index}.jpg"
         path.write_bytes(record["image_jpeg"])
         sentence = record["sent"][0]
@@ -200,9 +199,7 @@ def load_demo_model(checkpoint: str, step: str | None, sample_dir: Path) -> Demo
                           max_batch=MAX_SENTENCES)
     synthetic = ((loaded.run_config or {}).get("data") or {}).get("synthetic") or {}
     size = max(int(synthetic.get("image_size", 0)), predictor.image_size)
-    samples = synthetic_samples(sample_dir, size, int(synthetic.get("seed", 0)),
-                                float(synthetic.get("object_scale", 1.0)),
-                                float(synthetic.get("ordinal_rate", 1.0)))
+    samples = synthetic_samples(sample_dir, size, int(synthetic.get("seed", 0)), synthetic)
     samples.append(Sample(SAMPLE_IMAGE, DEMO_TEXT, f"photo: {DEMO_TEXT}"))
     what = f"{checkpoint}, step {loaded.step}" if loaded.step is not None else checkpoint
     head = (f"; no-target head (threshold {predictor.no_target_threshold:.2f})"

@@ -232,12 +232,9 @@ def default_run_sample(predictor: Predictor, out_dir: Path) -> tuple[str, str]:
     run_config = Path(DEFAULT_RUN) / RUN_CONFIG
     syn = json.loads(run_config.read_text()).get("data", {}).get("synthetic", {}) \
         if run_config.is_file() else {}
-    kwargs = synthetic.generate_kwargs({**synthetic.style_meta(), "num_train": 0, "num_val": 0,
-                                        "num_heldout": 0, "seed": 0,
-                                        "image_size": predictor.image_size, **syn})
-    record = synthetic.make_example(kwargs["seed"], "heldout", 1, kwargs["image_size"],
-                                    object_scale=kwargs["object_scale"],
-                                    ordinal_rate=kwargs["ordinal_rate"])
+    record = synthetic.make_example(int(syn.get("seed", 0)), "heldout", 1,
+                                    int(syn.get("image_size", predictor.image_size)),
+                                    **synthetic.style_kwargs(syn))
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "demo-input.jpg"
     path.write_bytes(record["image_jpeg"])

@@ -5,11 +5,11 @@
 through `records.write_shards`, so the training job runs with no download and reads synthetic
 data through exactly the same pipeline as RefCOCO.
 
-A scene is a textured, noisy background with 3-6 objects: a shape (circle, square, triangle,
-star, diamond, cross), a colour (red, green, blue, yellow, purple, orange) and a size (small,
-large), at random positions, possibly overlapping (later objects occlude earlier ones; every
-object keeps at least 60 % of its area visible). One record = one referred object, with 1-3
-expressions chosen among three kinds:
+A scene is a textured, noisy background with 3-6 objects (`max_objects` lowers the cap): a
+shape (circle, square, triangle, star, diamond, cross), a colour (red, green, blue, yellow,
+purple, orange) and a size (small, large), at random positions, possibly overlapping (later
+objects occlude earlier ones; every object keeps at least 60 % of its area visible). One record
+= one referred object, with 1-3 expressions chosen among three kinds:
   - attributes: "the large green star" (only attribute sets that single the target out);
   - ordinal: "the second triangle from the right" (objects of that shape ordered along an axis);
   - relation: "the small red circle left of the blue square" (the attributes alone may be
@@ -102,6 +102,8 @@ GRES_NO_TARGET_FRACTION = 0.15
 _GOLDEN = (5 ** 0.5 - 1) / 2
 # ids are unique across splits: split k uses (k * 10**6, (k + 1) * 10**6).
 _ID_STRIDE = 10**6
+# Most objects an ordinary scene asks for (the target, up to two of its shape, others).
+MAX_OBJECTS = 6
 _ORDINALS = ("first", "second", "third", "fourth")
 _MIN_VISIBLE = 0.6
 INSTANCE_ID_BASE = 10**9  # ann ids of the non-target instances (above every record id)
@@ -244,9 +246,9 @@ def _cover(objs: list[_Object]) -> np.ndarray | bool:
     return ~covered
 
 
-def _scene(rng: np.random.Generator, split: str, s: int, scale: float = 1.0
-           ) -> tuple[list[_Object], int]:
-    """Objects in drawing order and the target's index."""
+def _scene(rng: np.random.Generator, split: str, s: int, scale: float = 1.0,
+           max_objects: int = MAX_OBJECTS) -> tuple[list[_Object], int]:
+    """Objects in drawing order (3 to `max_objects` of them) and the target's index."""
     objs: list[_Object] = []
     if split == "heldout":
         pair = sorted(HELDOUT_PAIRS)[rng.integers(len(HELDOUT_PAIRS))]
@@ -259,7 +261,7 @@ def _scene(rng: np.random.Generator, split: str, s: int, scale: float = 1.0
     for _ in range(rng.choice([0, 1, 1, 2])):
         shape, colour = _draw_attrs(rng, split, t_shape)
         wanted.append((shape, colour, SIZES[rng.integers(2)]))
-    while len(wanted) < rng.integers(3, 7):
+    while len(wanted) < rng.integers(3, max_objects + 1):
         shape, colour = _draw_attrs(rng, split)
         wanted.append((shape, colour, SIZES[rng.integers(2)]))
     order = rng.permutation(len(wanted))
@@ -268,7 +270,7 @@ def _scene(rng: np.random.Generator, split: str, s: int, scale: float = 1.0
         if _place(rng, objs, *wanted[k], s, scale) and k == 0:
             target = len(objs) - 1
         elif k == 0:  # the target could not be placed: start over (rare)
-            return _scene(rng, split, s, scale)
+            return _scene(rng, split, s, scale, max_objects)
     for i, o in enumerate(objs):
         o.visible = o.full & _cover(objs[i + 1:])
     return objs, target
@@ -435,14 +437,20 @@ def gres_kind(index: int, multi_fraction: float = GRES_MULTI_FRACTION,
 MAX_OBJECT_SCALE = 1.6
 
 
-def check_style(object_scale: float, ordinal_rate: float) -> None:
+def check_style(object_scale: float, ordinal_rate: float, max_objects: int = MAX_OBJECTS
+                ) -> None:
     """object_scale multiplies every object's radius (1 = small 0.07-0.10, large 0.15-0.20
     of the image side); ordinal_rate is the share of records with an ordinal expression at
-    hand that may use one (1 = all; lower it to make ordinals a smaller part of the data)."""
+    hand that may use one (1 = all; lower it to make ordinals a smaller part of the data);
+    max_objects caps the objects of a scene with one target (3 to 6; multi- and no-target
+    scenes of the gres splits keep 3-6)."""
     if not 0.5 <= object_scale <= MAX_OBJECT_SCALE:
         raise ValueError(f"object_scale must be in [0.5, {MAX_OBJECT_SCALE}], got {object_scale}")
     if not 0.0 <= ordinal_rate <= 1.0:
         raise ValueError(f"ordinal_rate must be in [0, 1], got {ordinal_rate}")
+    if max_objects != int(max_objects) or not 3 <= max_objects <= MAX_OBJECTS:
+        raise ValueError(f"max_objects must be an integer in [3, {MAX_OBJECTS}], "
+                         f"got {max_objects}")
 
 
 def _check_fractions(multi_fraction: float, no_target_fraction: float) -> None:
@@ -645,11 +653,12 @@ def _jpeg(img: np.ndarray) -> bytes:
 def make_example(seed: int, split: str, index: int, image_size: int = 96, tokenizer=None, *,
                  multi_fraction: float = GRES_MULTI_FRACTION,
                  no_target_fraction: float = GRES_NO_TARGET_FRACTION,
-                 object_scale: float = 1.0, ordinal_rate: float = 1.0) -> dict:
+                 object_scale: float = 1.0, ordinal_rate: float = 1.0,
+                 max_objects: int = MAX_OBJECTS) -> dict:
     """One record (data_formats.md §7.2 fields) plus `synthetic`: the scene's objects, the
     target indices and, in a gres split, the record's kind. The fractions apply to the gres
-    splits only (`gres_kind`); object_scale and ordinal_rate: `check_style`."""
-    check_style(object_scale, ordinal_rate)
+    splits only (`gres_kind`); object_scale, ordinal_rate, max_objects: `check_style`."""
+    check_style(object_scale, ordinal_rate, max_objects)
     if split not in _SPLIT_CODE:
         raise ValueError(f"unknown split {split!r}; expected one of "
                          f"{', '.join(SPLITS + GRES_SPLITS)}")
@@ -666,7 +675,7 @@ def make_example(seed: int, split: str, index: int, image_size: int = 96, tokeni
         (objs, sents), targets = _no_target_example(rng, base, s, object_scale), []
     else:  # the ordinary record (single_target of a gres split: the same generators)
         while True:
-            objs, t = _scene(rng, base, s, object_scale)
+            objs, t = _scene(rng, base, s, object_scale, int(max_objects))
             sents = _expressions(rng, objs, t, s, ordinal_rate)
             if sents and objs[t].visible.any():
                 break
@@ -750,7 +759,8 @@ def generate(out_dir, num_train: int = 2000, num_val: int = 200, num_heldout: in
              verbose: bool = False, *, gres: bool = False,
              gres_multi_fraction: float = GRES_MULTI_FRACTION,
              gres_no_target_fraction: float = GRES_NO_TARGET_FRACTION,
-             object_scale: float = 1.0, ordinal_rate: float = 1.0) -> dict[str, dict]:
+             object_scale: float = 1.0, ordinal_rate: float = 1.0,
+             max_objects: int = MAX_OBJECTS) -> dict[str, dict]:
     """Write the train, val and heldout splits under `out_dir`, and with `gres` also
     gres_train, gres_val and gres_heldout of the same sizes (module docstring); returns each
     split's meta. The ordinary splits do not depend on the gres arguments."""
@@ -760,7 +770,7 @@ def generate(out_dir, num_train: int = 2000, num_val: int = 200, num_heldout: in
     if image_size < 32:
         raise ValueError(f"image_size must be at least 32, got {image_size}")
     _check_fractions(gres_multi_fraction, gres_no_target_fraction)
-    check_style(object_scale, ordinal_rate)
+    check_style(object_scale, ordinal_rate, max_objects)
     tokenizer = load_tokenizer(None)
     sizes = {"train": num_train, "val": num_val, "heldout": num_heldout}
     plan = list(sizes.items())
@@ -778,13 +788,14 @@ def generate(out_dir, num_train: int = 2000, num_val: int = 200, num_heldout: in
                 ex = make_example(seed, split, i, image_size, tokenizer,
                                   multi_fraction=gres_multi_fraction,
                                   no_target_fraction=gres_no_target_fraction,
-                                  object_scale=object_scale, ordinal_rate=ordinal_rate)
+                                  object_scale=object_scale, ordinal_rate=ordinal_rate,
+                                  max_objects=max_objects)
                 kinds.append((ex["synthetic"]["gres_kind"], len(ex["sent"])))
                 yield _stored(ex)
 
         shards = num_shards or (8 if split in ("train", "gres_train") else 2)
         meta = {"dataset": "synthetic", "split_by": f"seed{seed}", "seed": seed,
-                "image_size": image_size, "style": style_meta(object_scale, ordinal_rate),
+                "image_size": image_size, "style": style_meta(object_scale, ordinal_rate, max_objects),
                 "tokenizer": "bert-base-uncased (bundled vocab)",
                 "max_tokens": records.MAX_TOKENS,
                 # The stored count map is 0/1 (the visible part of the target, or of the
@@ -830,13 +841,23 @@ def generate_kwargs(synthetic_config) -> dict:
                 gres_multi_fraction=float(get("gres_multi_fraction", GRES_MULTI_FRACTION)),
                 gres_no_target_fraction=float(get("gres_no_target_fraction",
                                                   GRES_NO_TARGET_FRACTION)),
-                object_scale=float(get("object_scale", 1.0)),
-                ordinal_rate=float(get("ordinal_rate", 1.0)))
+                **style_kwargs(synthetic_config))
 
 
-def style_meta(object_scale: float = 1.0, ordinal_rate: float = 1.0) -> dict:
+def style_kwargs(synthetic_config) -> dict:
+    """make_example's style arguments (check_style) from a config.data.synthetic section or a
+    meta.json "style"; keys a run was stored without take the base data's values."""
+    get = synthetic_config.get
+    return dict(object_scale=float(get("object_scale", 1.0)),
+                ordinal_rate=float(get("ordinal_rate", 1.0)),
+                max_objects=int(get("max_objects", MAX_OBJECTS)))
+
+
+def style_meta(object_scale: float = 1.0, ordinal_rate: float = 1.0,
+               max_objects: int = MAX_OBJECTS) -> dict:
     """The generator settings a meta.json records (data written before them: the defaults)."""
-    return {"object_scale": float(object_scale), "ordinal_rate": float(ordinal_rate)}
+    return {"object_scale": float(object_scale), "ordinal_rate": float(ordinal_rate),
+            "max_objects": int(max_objects)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -858,12 +879,15 @@ def main(argv: list[str] | None = None) -> int:
                    help="multiplies every object's radius (check_style)")
     p.add_argument("--ordinal-rate", type=float, default=1.0,
                    help="share of records that may use an ordinal expression")
+    p.add_argument("--max-objects", type=int, default=MAX_OBJECTS,
+                   help="most objects in an ordinary scene (3-6)")
     args = p.parse_args(argv)
     generate(Path(args.out), args.num_train, args.num_val, args.num_heldout, args.image_size,
              args.seed, args.num_shards, verbose=True, gres=args.gres,
              gres_multi_fraction=args.gres_multi_fraction,
              gres_no_target_fraction=args.gres_no_target_fraction,
-             object_scale=args.object_scale, ordinal_rate=args.ordinal_rate)
+             object_scale=args.object_scale, ordinal_rate=args.ordinal_rate,
+             max_objects=args.max_objects)
     return 0
 
 

@@ -43,7 +43,8 @@ ADDED_KEYS.update({"data.mixture": [], "data.root": "", "data.exclude_eval_of": 
                    "data.mixture_force_mixed_conventions": False,
                    "data.synthetic.gres": False, "data.synthetic.gres_multi_fraction": 0.25,
                    "data.synthetic.gres_no_target_fraction": 0.15,
-                   "data.synthetic.object_scale": 1.0, "data.synthetic.ordinal_rate": 1.0})
+                   "data.synthetic.object_scale": 1.0, "data.synthetic.ordinal_rate": 1.0,
+                   "data.synthetic.max_objects": 6})
 
 
 class CheckpointConfigError(ValueError):

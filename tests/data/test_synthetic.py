@@ -264,6 +264,22 @@ def test_object_scale_and_ordinal_rate():
         synthetic.make_example(0, "val", 0, SIZE, ordinal_rate=1.5)
 
 
+def test_max_objects():
+    base = [synthetic.make_example(0, "val", i, SIZE) for i in range(60)]
+    fewer = [synthetic.make_example(0, "val", i, SIZE, max_objects=3) for i in range(60)]
+    counts = [len(ex["synthetic"]["objects"]) for ex in fewer]
+    assert max(counts) <= 3 and max(len(ex["synthetic"]["objects"]) for ex in base) > 3
+    # Every kind is still drawn with three objects at most.
+    kinds = {synthetic.expression_kind(s) for ex in fewer for s in ex["sent"]}
+    assert kinds == {"attribute", "ordinal", "relation"}
+    # The cap of 6 is the base generator, byte for byte.
+    same = synthetic.make_example(0, "val", 7, SIZE, max_objects=6)
+    assert same["image_jpeg"] == base[7]["image_jpeg"] and same["raw"] == base[7]["raw"]
+    for bad in (2, 7, 4.5):
+        with pytest.raises(ValueError, match="max_objects"):
+            synthetic.make_example(0, "val", 0, SIZE, max_objects=bad)
+
+
 def test_workdir_data_of_another_style_is_refused(tmp_path):
     """A workdir holding the synthetic data of another generator setting (an older default)
     is a one-line error, not a silent run on other data."""
@@ -274,7 +290,11 @@ def test_workdir_data_of_another_style_is_refused(tmp_path):
     config.data.synthetic.update(dict(num_train=4, num_val=2, num_heldout=2, image_size=32))
     loop.prepare_data(config, tmp_path)
     meta = json.loads(records.meta_path(tmp_path / loop.SYNTHETIC_DIR, "train").read_text())
-    assert meta["style"] == {"object_scale": 1.0, "ordinal_rate": 1.0}
+    assert meta["style"] == {"object_scale": 1.0, "ordinal_rate": 1.0, "max_objects": 6}
     config.data.synthetic.object_scale = 1.3
     with pytest.raises(loop.ConfigError, match=r"object_scale 1\.0 \(config 1\.3\)"):
+        loop.prepare_data(config, tmp_path)
+    config.data.synthetic.object_scale = 1.0
+    config.data.synthetic.max_objects = 4
+    with pytest.raises(loop.ConfigError, match=r"max_objects 6 \(config 4\)"):
         loop.prepare_data(config, tmp_path)

@@ -292,7 +292,8 @@ def test_bad_fractions_and_config_keys():
         synthetic.GRES_MULTI_FRACTION, synthetic.GRES_NO_TARGET_FRACTION)
     old = {k: syn[k] for k in ("num_train", "num_val", "num_heldout", "image_size", "seed")}
     # Configs from before the keys: gres off, the generator's base style.
-    assert synthetic.generate_kwargs(old) == dict(kwargs, object_scale=1.0, ordinal_rate=1.0)
+    assert synthetic.generate_kwargs(old) == dict(kwargs, object_scale=1.0, ordinal_rate=1.0,
+                                                      max_objects=6)
 
 
 def test_evaluator_sees_a_generalised_split(dirs):
