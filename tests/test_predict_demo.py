@@ -39,3 +39,25 @@ def test_a_default_run_with_a_checkpoint_is_used(chosen, tmp_path, monkeypatch):
     with pytest.raises(_Chosen) as got:
         predict.main(["--demo", "--out", "m.png"])
     assert got.value.args == ("trained", predict.DEFAULT_RUN, "best")
+
+
+def test_the_demo_scene_follows_the_default_run_style(tmp_path, monkeypatch):
+    """The held-out scene `predict --demo` shows is drawn with the run's own generator style."""
+    import json
+    import types
+
+    from magnet_jax.data import synthetic
+    from magnet_jax.restore import RUN_CONFIG
+
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / predict.DEFAULT_RUN
+    run.mkdir(parents=True)
+    style = dict(object_scale=1.5, ordinal_rate=0.5, max_objects=3)
+    (run / RUN_CONFIG).write_text(json.dumps(
+        {"data": {"synthetic": dict(style, seed=2, image_size=48)}}))
+    path, sentence = predict.default_run_sample(types.SimpleNamespace(image_size=64),
+                                                tmp_path / "out")
+    want = synthetic.make_example(2, "heldout", 1, 48, **style)
+    assert open(path, "rb").read() == want["image_jpeg"] and sentence == want["sent"][0]
+    base = synthetic.make_example(2, "heldout", 1, 48)
+    assert want["image_jpeg"] != base["image_jpeg"]
