@@ -795,7 +795,8 @@ def generate(out_dir, num_train: int = 2000, num_val: int = 200, num_heldout: in
 
         shards = num_shards or (8 if split in ("train", "gres_train") else 2)
         meta = {"dataset": "synthetic", "split_by": f"seed{seed}", "seed": seed,
-                "image_size": image_size, "style": style_meta(object_scale, ordinal_rate, max_objects),
+                "image_size": image_size,
+                "style": style_meta(object_scale, ordinal_rate, max_objects),
                 "tokenizer": "bert-base-uncased (bundled vocab)",
                 "max_tokens": records.MAX_TOKENS,
                 # The stored count map is 0/1 (the visible part of the target, or of the
@@ -847,10 +848,8 @@ def generate_kwargs(synthetic_config) -> dict:
 def style_kwargs(synthetic_config) -> dict:
     """make_example's style arguments (check_style) from a config.data.synthetic section or a
     meta.json "style"; keys a run was stored without take the base data's values."""
-    get = synthetic_config.get
-    return dict(object_scale=float(get("object_scale", 1.0)),
-                ordinal_rate=float(get("ordinal_rate", 1.0)),
-                max_objects=int(get("max_objects", MAX_OBJECTS)))
+    return {key: type(base)(synthetic_config.get(key, base))
+            for key, base in style_meta().items()}
 
 
 def style_meta(object_scale: float = 1.0, ordinal_rate: float = 1.0,

@@ -113,7 +113,7 @@ def _check_synthetic_matches(data_dir: str, split: str, syn) -> None:
     have = dict(synthetic.style_meta(), **meta.get("style", {}),
                 image_size=meta.get("image_size"), seed=meta.get("seed"))
     diff = [f"{k} {have[k]} (config {want[k]})" for k in
-            ("image_size", "seed", "object_scale", "ordinal_rate", "max_objects")
+            ("image_size", "seed", *synthetic.style_meta())
             if have.get(k) is not None and have[k] != want[k]]
     if diff:
         raise ConfigError(f"the synthetic data in {data_dir} was written with "
