@@ -176,7 +176,7 @@ def _random_train_state(config, num_steps: int, seed: int):
     mesh = loop.make_run_mesh(config)
     method, model_cfg, model = loop.model_from_config(config)
     objective = loop.objective_from_config(config, method, model)
-    opt_cfg = loop.optimizer_config(config, num_steps)
+    opt_cfg = loop.optimizer_config(config, num_steps, mesh)
     state, shardings, tx = init_train_state(model, objective.init_heads,
                                             lambda p: make_optimizer(p, opt_cfg),
                                             int(model_cfg.image_size), seed, mesh,
@@ -189,6 +189,7 @@ def bench_train(config, batch_size: int, iters: int, seed: int) -> dict:
     import jax
     import numpy as np
     from magnet_jax import sharding
+    from magnet_jax.training import loop
     from magnet_jax.training.step import jit_train_step, make_train_step
 
     config = _with_batch(config, batch_size)
@@ -199,7 +200,8 @@ def bench_train(config, batch_size: int, iters: int, seed: int) -> dict:
     batch = jax.device_put({k: host[k] for k in objective.batch_keys},
                            sharding.batch_sharding(mesh))
     step = jit_train_step(make_train_step(objective.loss_fn, tx, seed,
-                                          config.train.accumulation_steps), shardings, mesh)
+                                          config.train.accumulation_steps,
+                                          loop.params_replicated(mesh)), shardings, mesh)
     start = time.perf_counter()
     compiled = step.lower(state, batch).compile()
     compile_s = time.perf_counter() - start
@@ -346,7 +348,7 @@ def compile_train_step(config, batch_size: int, seed: int = 0) -> dict:
     mesh = loop.make_run_mesh(config)
     method, model_cfg, model = loop.model_from_config(config)
     objective = loop.objective_from_config(config, method, model)
-    opt_cfg = loop.optimizer_config(config, 1000)
+    opt_cfg = loop.optimizer_config(config, 1000, mesh)
     _, state, shardings, tx = abstract_train_state(
         model, objective.init_heads, lambda p: make_optimizer(p, opt_cfg),
         int(model_cfg.image_size), seed, mesh, max_tokens=int(model_cfg.max_tokens))
@@ -355,7 +357,8 @@ def compile_train_step(config, batch_size: int, seed: int = 0) -> dict:
     batch = {k: jax.ShapeDtypeStruct(host[k].shape, host[k].dtype, sharding=batch_sharding)
              for k in objective.batch_keys}
     step = jit_train_step(make_train_step(objective.loss_fn, tx, seed,
-                                          config.train.accumulation_steps), shardings, mesh)
+                                          config.train.accumulation_steps,
+                                          opt_cfg.flat_global_norm), shardings, mesh)
     record = _compile_record(config, "train", batch_size)
     record.update(method=method.name, **objective.summary)
     return dict(record, **_timed_compile(step, state, batch))

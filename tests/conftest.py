@@ -1,7 +1,8 @@
 """Test-wide set-up. Runs before any test module, so before anything imports jax.
 
 - 8 simulated CPU devices (`jax_stack.md` §5) and the CPU backend (JAX_PLATFORMS may be set by
-  the caller, e.g. `JAX_PLATFORMS=cuda python -m pytest -m gpu`).
+  the caller, e.g. `JAX_PLATFORMS=cuda python -m pytest -m gpu`); on the CPU, XLA's backend at
+  optimisation level 0 (faster compiles).
 - A per-session persistent compilation cache (JAX_COMPILATION_CACHE_DIR) for repeated compiles.
 - No network: HF_HUB_OFFLINE=1 makes an accidental hub lookup fail fast.
 - absl flags marked as parsed (grain reads absl flags; entry points parse them in app.run).
@@ -26,6 +27,13 @@ if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "
         os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
     ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# LLVM at -O0 for the CPU tests: compilation is most of the suite's time, and the tests' arrays
+# are small (tests/models + tests/parity: 188 s -> 131 s, same results; docs/benchmarks.md).
+# GPU/TPU runs (`-m gpu`) keep the default, as users run.
+FAST_COMPILE_FLAG = "--xla_backend_optimization_level=0"
+if (os.environ["JAX_PLATFORMS"] == "cpu"
+        and "--xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]):
+    os.environ["XLA_FLAGS"] += " " + FAST_COMPILE_FLAG
 # A compilation cache for this session: the training-loop tests compile the same train step
 # in several runs (resume = a new run), so later runs load it instead of compiling again.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:

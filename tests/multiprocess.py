@@ -20,7 +20,8 @@ def run_two_processes(script: str, tag: str, timeout: int) -> list:
         port = s.getsockname()[1]
     # Each process sets its own device count; the test session's 8 simulated devices must not leak.
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
-    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""))
+    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""),
+               XLA_FLAGS="--xla_backend_optimization_level=0")   # as conftest: fast compiles
     procs = [subprocess.Popen([sys.executable, "-c", script, f"localhost:{port}", str(i)],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for i in range(2)]

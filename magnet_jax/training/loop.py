@@ -206,10 +206,18 @@ def objective_from_config(config, method: Method, model) -> Objective:
     return method.make_objective(model, config)
 
 
-def optimizer_config(config, total_steps: int):
+def params_replicated(mesh) -> bool:
+    """Whether the mesh replicates the parameters (fsdp axis of one device): then the global
+    norm is computed flat (optimizer.global_norm)."""
+    return mesh.shape["fsdp"] == 1
+
+
+def optimizer_config(config, total_steps: int, mesh=None):
+    """mesh: the run's (None: per-leaf global norm)."""
     items = dict(config.optim.to_dict())
     items.update(total_steps=total_steps,
-                 warmup_steps=min(int(items.get("warmup_steps", 0)), total_steps - 1))
+                 warmup_steps=min(int(items.get("warmup_steps", 0)), total_steps - 1),
+                 flat_global_norm=mesh is not None and params_replicated(mesh))
     try:
         return as_optimizer_config(items)
     except ValueError as e:
@@ -346,12 +354,13 @@ def train(config, workdir: str | os.PathLike, *, allow_config_change: bool = Fal
     method, model_cfg, model = model_from_config(config)
     image_size = int(model_cfg.image_size)
     objective = objective_from_config(config, method, model)
-    opt_cfg = optimizer_config(config, total_steps)
+    opt_cfg = optimizer_config(config, total_steps, mesh)
     state, state_shardings, tx = init_train_state(
         model, objective.init_heads, lambda p: make_optimizer(p, opt_cfg), image_size,
         config.seed, mesh, max_tokens=int(model_cfg.max_tokens))
     train_step = jit_train_step(
-        make_train_step(objective.loss_fn, tx, config.seed, config.train.accumulation_steps),
+        make_train_step(objective.loss_fn, tx, config.seed, config.train.accumulation_steps,
+                        opt_cfg.flat_global_norm),
         state_shardings, mesh, compiler_options=compiler_options)
     model_param_shardings = objective.model_params(state_shardings.params)
     extra_keys = tuple(method.extra_input_specs(model_cfg, image_size))

@@ -21,6 +21,10 @@
   multiplied by `step_factor` at each fraction of total_steps in `step_milestones` (CRIS: x 0.1
   at epoch 35 of 50 = 0.7). Steps count optimiser updates (with accumulation, one update per
   `accumulation_steps` calls).
+- `flat_global_norm` (set by the training loop where the mesh replicates the parameters): the
+  global norm is one reduction over the concatenated leaves instead of one per leaf. The
+  result is the same up to summation order; XLA's CPU compiler otherwise emits 2-4 kernels per
+  leaf for it (docs/benchmarks.md, "Compile time").
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import re
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 
 WD_MASKS = ("magnet_jax", "lavt")
@@ -71,6 +76,7 @@ class OptimizerConfig:
     wd_mask: str = "magnet_jax"         # "magnet_jax" | "lavt"
     text_trainable: str = "lavt"        # "lavt" (embeddings + last 2 layers frozen) | "all" | "none"
     bert_num_layers: int | None = None  # None = count language_model/encoder/layer_* in params
+    flat_global_norm: bool = False      # global norm on one concatenated vector (replicated params)
 
     def __post_init__(self):
         if self.wd_mask not in WD_MASKS:
@@ -198,6 +204,38 @@ def param_labels(params: Any, text_trainable: str = "lavt",
     return jax.tree_util.tree_map_with_path(label, params)
 
 
+def global_norm(tree: Any, flat: bool = False) -> jax.Array:
+    """The l2 norm of all of `tree`'s leaves together (float32).
+
+    flat: one reduction over the leaves concatenated into one vector. XLA's CPU compiler emits
+    2-4 kernels per leaf for the per-leaf sums (about 1,650 of the CI-sized train step's 11,400;
+    docs/benchmarks.md), the flat form a few. Use it only where the leaves are replicated: a
+    sharded leaf would be gathered to join the vector.
+    """
+    leaves = jax.tree.leaves(tree)
+    if not flat or not leaves:
+        return optax.tree.norm(tree)
+    vector = jnp.concatenate([jnp.ravel(x).astype(jnp.float32) for x in leaves])
+    return jnp.sqrt(jnp.sum(jnp.square(vector)))
+
+
+def clip_by_global_norm(max_norm: float, flat: bool = False) -> optax.GradientTransformation:
+    """optax.clip_by_global_norm (same state, same rule: unchanged below max_norm, else scaled
+    by max_norm / norm) with the norm of `global_norm(..., flat)`."""
+    if not flat:
+        return optax.clip_by_global_norm(max_norm)
+
+    def update(updates, state, params=None):
+        del params
+        norm = global_norm(updates, flat=True)
+        keep = norm < max_norm
+        return jax.tree.map(
+            lambda u: jax.lax.select(keep, u, (u / norm.astype(u.dtype)) * max_norm),
+            updates), state
+
+    return optax.GradientTransformation(optax.init_empty_state, update)
+
+
 def make_schedule(cfg: Any = None) -> optax.Schedule:
     """Linear warmup (optional) then polynomial decay to end_lr at total_steps, or steps."""
     c = as_optimizer_config(cfg)
@@ -229,7 +267,7 @@ def make_optimizer(params: Any, cfg: Any = None) -> optax.GradientTransformation
     parts = [optax.multi_transform({"train": optax.identity(), FROZEN: optax.set_to_zero()},
                                    train_or_frozen)]
     if c.clip_global_norm:
-        parts.append(optax.clip_by_global_norm(c.clip_global_norm))
+        parts.append(clip_by_global_norm(c.clip_global_norm, c.flat_global_norm))
     parts.append(optax.multi_transform(
         {BACKBONE: adamw(c.backbone_lr_mult), NEW: adamw(1.0), FROZEN: optax.set_to_zero()},
         labels))
@@ -239,5 +277,5 @@ def make_optimizer(params: Any, cfg: Any = None) -> optax.GradientTransformation
     return tx
 
 
-__all__ = ["OptimizerConfig", "as_optimizer_config", "decay_mask", "make_optimizer",
-           "make_schedule", "param_labels"]
+__all__ = ["OptimizerConfig", "as_optimizer_config", "clip_by_global_norm", "decay_mask",
+           "global_norm", "make_optimizer", "make_schedule", "param_labels"]

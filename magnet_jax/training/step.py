@@ -22,6 +22,7 @@ from jax.sharding import Mesh
 
 from magnet_jax import sharding
 from magnet_jax.models import dummy_inputs
+from magnet_jax.training.optimizer import global_norm
 
 
 @flax.struct.dataclass
@@ -43,8 +44,11 @@ def _microbatches(batch: Mapping[str, jax.Array], k: int) -> dict[str, jax.Array
 
 
 def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, seed: int,
-                    accumulation_steps: int = 1) -> Callable:
+                    accumulation_steps: int = 1, flat_global_norm: bool = False) -> Callable:
     """The pure step (state, batch) -> (state, metrics); metrics are global means.
+
+    flat_global_norm: the grad_norm metric as one reduction (optimizer.global_norm); only
+    where the parameters are replicated.
 
     accumulation_steps k > 1 splits the batch into k microbatches, scans over them summing
     gradients (peak activation memory of one microbatch) and makes one update with the mean:
@@ -77,7 +81,7 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, seed: i
         grads, metrics = gradients(state.params, batch, key)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
+        metrics = dict(metrics, grad_norm=global_norm(grads, flat_global_norm))
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     return train_step

@@ -12,7 +12,8 @@ import optax
 import pytest
 from flax import traverse_util
 
-from magnet_jax.training.optimizer import (OptimizerConfig, as_optimizer_config, decay_mask,
+from magnet_jax.training.optimizer import (OptimizerConfig, as_optimizer_config,
+                                           clip_by_global_norm, decay_mask, global_norm,
                                            make_optimizer, make_schedule, param_labels)
 
 # Hand-made tree with the contract's paths (/tmp/contract.md); shapes are tiny.
@@ -193,6 +194,42 @@ def test_clipping_bounds_the_global_norm_of_trainable_grads():
     upd, _ = no_clip.update(grads, no_clip.init(params), params)
     np.testing.assert_allclose(upd["predictor"]["class_embed"]["kernel"],
                                -np.array([3.0, 4.0]) / 1e6, rtol=1e-4)
+
+
+def _mixed_tree(scale):
+    rng = np.random.default_rng(3)
+    shapes = {"a": (3, 5), "b": (7,), "c": (2, 2, 4), "d": ()}
+    return {k: jnp.asarray(scale * rng.normal(size=s), jnp.float32) for k, s in shapes.items()}
+
+
+@pytest.mark.parametrize("scale", [0.01, 10.0])   # below and above the clipping threshold
+def test_flat_global_norm_and_clip_equal_optax(scale):
+    tree = _mixed_tree(scale)
+    np.testing.assert_allclose(global_norm(tree, flat=True), optax.tree.norm(tree), rtol=1e-6)
+    flat, reference = clip_by_global_norm(1.0, flat=True), optax.clip_by_global_norm(1.0)
+    # Same (empty) state, so checkpoints written with either restore into the other.
+    assert jax.tree.structure(flat.init(tree)) == jax.tree.structure(reference.init(tree))
+    got, _ = flat.update(tree, flat.init(tree))
+    want, _ = reference.update(tree, reference.init(tree))
+    jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-9), got, want)
+    assert float(optax.tree.norm(got)) == pytest.approx(min(float(optax.tree.norm(tree)), 1.0),
+                                                        rel=1e-5)
+
+
+def test_flat_global_norm_optimizer_matches_per_leaf():
+    """The training loop's choice for replicated parameters: same updates, same state tree."""
+    params, grads = _tree(0.5), jax.tree.map(lambda x: x * 3.0, _tree(1.0))
+    cfg = dict(lr=1e-2, total_steps=10, clip_global_norm=1.0)
+    per_leaf = make_optimizer(params, cfg)
+    flat = make_optimizer(params, dict(cfg, flat_global_norm=True))
+    state_a, state_b = per_leaf.init(params), flat.init(params)
+    assert jax.tree.structure(state_a) == jax.tree.structure(state_b)
+    for _ in range(2):
+        upd_a, state_a = per_leaf.update(grads, state_a, params)
+        upd_b, state_b = flat.update(grads, state_b, params)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-9),
+                     (upd_a, state_a), (upd_b, state_b))
+    assert float(optax.tree.norm(upd_a)) > 0
 
 
 def test_multisteps_accumulates_k_steps():
