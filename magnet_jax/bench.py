@@ -201,7 +201,7 @@ def bench_train(config, batch_size: int, iters: int, seed: int) -> dict:
                            sharding.batch_sharding(mesh))
     step = jit_train_step(make_train_step(objective.loss_fn, tx, seed,
                                           config.train.accumulation_steps,
-                                          loop.params_replicated(mesh)), shardings, mesh)
+                                          loop.flat_global_norm(mesh)), shardings, mesh)
     start = time.perf_counter()
     compiled = step.lower(state, batch).compile()
     compile_s = time.perf_counter() - start

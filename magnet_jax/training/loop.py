@@ -206,10 +206,11 @@ def objective_from_config(config, method: Method, model) -> Objective:
     return method.make_objective(model, config)
 
 
-def params_replicated(mesh) -> bool:
-    """Whether the mesh replicates the parameters (fsdp axis of one device): then the global
-    norm is computed flat (optimizer.global_norm)."""
-    return mesh.shape["fsdp"] == 1
+def flat_global_norm(mesh) -> bool:
+    """Whether the run computes its global norm flat (optimizer.global_norm): on CPU devices
+    (where it saves compile time; measured nowhere else) and where the mesh replicates the
+    parameters (fsdp axis of one device)."""
+    return mesh.shape["fsdp"] == 1 and mesh.devices.flat[0].platform == "cpu"
 
 
 def optimizer_config(config, total_steps: int, mesh=None):
@@ -217,7 +218,7 @@ def optimizer_config(config, total_steps: int, mesh=None):
     items = dict(config.optim.to_dict())
     items.update(total_steps=total_steps,
                  warmup_steps=min(int(items.get("warmup_steps", 0)), total_steps - 1),
-                 flat_global_norm=mesh is not None and params_replicated(mesh))
+                 flat_global_norm=mesh is not None and flat_global_norm(mesh))
     try:
         return as_optimizer_config(items)
     except ValueError as e:

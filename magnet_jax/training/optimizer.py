@@ -21,7 +21,7 @@
   multiplied by `step_factor` at each fraction of total_steps in `step_milestones` (CRIS: x 0.1
   at epoch 35 of 50 = 0.7). Steps count optimiser updates (with accumulation, one update per
   `accumulation_steps` calls).
-- `flat_global_norm` (set by the training loop where the mesh replicates the parameters): the
+- `flat_global_norm` (set by the training loop on CPU meshes that replicate the parameters): the
   global norm is one reduction over the concatenated leaves instead of one per leaf. The
   result is the same up to summation order; XLA's CPU compiler otherwise emits 2-4 kernels per
   leaf for it (docs/benchmarks.md, "Compile time").

@@ -281,3 +281,13 @@ def test_step_schedule_and_clip_towers_as_backbone():
     labels = param_labels(params, "all")
     assert labels == {"clip_vision": {"encoder": {"w": "backbone"}},
                       "clip_text": {"w": "backbone"}, "neck": {"w": "new"}}
+
+
+def test_the_loop_uses_the_flat_norm_only_on_replicated_cpu_meshes():
+    from configs import magnet as magnet_configs
+    from magnet_jax import sharding
+    from magnet_jax.training import loop
+    config = magnet_configs.get_config("synthetic")
+    assert loop.optimizer_config(config, 10, sharding.make_mesh(num_fsdp=1)).flat_global_norm
+    assert not loop.optimizer_config(config, 10, sharding.make_mesh(num_fsdp=2)).flat_global_norm
+    assert not loop.optimizer_config(config, 10).flat_global_norm
