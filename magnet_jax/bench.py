@@ -168,7 +168,7 @@ def train_batch(config, objective, batch_size: int, seed: int) -> dict:
 
 def _random_train_state(config, num_steps: int, seed: int):
     """The config's method, model section, objective and randomly initialised train state on
-    the run's mesh -> (mesh, method, model_cfg, objective, state, shardings, tx)."""
+    the run's mesh -> (mesh, method, model_cfg, objective, state, shardings, tx, opt_cfg)."""
     from magnet_jax.training import loop
     from magnet_jax.training.optimizer import make_optimizer
     from magnet_jax.training.step import init_train_state
@@ -181,7 +181,7 @@ def _random_train_state(config, num_steps: int, seed: int):
                                             lambda p: make_optimizer(p, opt_cfg),
                                             int(model_cfg.image_size), seed, mesh,
                                             max_tokens=int(model_cfg.max_tokens))
-    return mesh, method, model_cfg, objective, state, shardings, tx
+    return mesh, method, model_cfg, objective, state, shardings, tx, opt_cfg
 
 
 def bench_train(config, batch_size: int, iters: int, seed: int) -> dict:
@@ -189,11 +189,10 @@ def bench_train(config, batch_size: int, iters: int, seed: int) -> dict:
     import jax
     import numpy as np
     from magnet_jax import sharding
-    from magnet_jax.training import loop
     from magnet_jax.training.step import jit_train_step, make_train_step
 
     config = _with_batch(config, batch_size)
-    mesh, method, model_cfg, objective, state, shardings, tx = _random_train_state(
+    mesh, method, model_cfg, objective, state, shardings, tx, opt_cfg = _random_train_state(
         config, max(iters + 2, 10), seed)
     size = int(model_cfg.image_size)
     host = train_batch(config, objective, batch_size, seed)
@@ -201,7 +200,7 @@ def bench_train(config, batch_size: int, iters: int, seed: int) -> dict:
                            sharding.batch_sharding(mesh))
     step = jit_train_step(make_train_step(objective.loss_fn, tx, seed,
                                           config.train.accumulation_steps,
-                                          loop.flat_global_norm(mesh)), shardings, mesh)
+                                          opt_cfg.flat_global_norm), shardings, mesh)
     start = time.perf_counter()
     compiled = step.lower(state, batch).compile()
     compile_s = time.perf_counter() - start
@@ -244,7 +243,7 @@ def bench_save(config, iters: int, seed: int) -> list[dict]:
 
     # Batch sizes play no part in a save: one per device passes the run's mesh checks.
     config = _with_batch(config, len(jax.devices()))
-    mesh, _, _, _, state, _, _ = _random_train_state(config, 10, seed)
+    mesh, _, _, _, state, _, _, _ = _random_train_state(config, 10, seed)
     leaves = jax.tree.leaves(state)
     results = []
     for name, handler in (("orbax default (replica-parallel)", ocp.type_handlers.ArrayHandler()),
