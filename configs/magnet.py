@@ -145,6 +145,10 @@ def get_config(arg: str = "synthetic") -> ml_collections.ConfigDict:
         num_epochs=0,
         epoch_refs=0,            # 0 = the train split's ref count from meta.json
         accumulation_steps=1,    # microbatches per step, summed inside the jitted step
+        # The train state stores each stack of layers the model scans over as one array
+        # (magnet_jax/training/layout.py; checkpoints stay per layer): fewer leaves for the
+        # optimiser, a smaller graph to compile. False = one leaf per layer parameter.
+        stack_layers=True,
         compute_dtype="float32",  # "bfloat16": bf16 activations, fp32 master weights and losses
         mesh_data=-1,            # -1 = all devices / fsdp
         mesh_fsdp=1,

@@ -6,8 +6,10 @@ and `python -m magnet_jax.bench data --data DIR [--split train] [--image_size 48
 compile: for the inference forward pass and the full train step of a config, on abstract
 inputs (nothing is initialised or run): lowering time, XLA compile time, the size of the
 lowered StableHLO module (operations) and of the optimised HLO (instructions, fusions) and the
-bytes of constants baked into it. One JSON line per part. The persistent compilation cache is
-off for this mode, so each figure is a real compile.
+bytes of constants baked into it; for the train step also the train state's layout
+(training/layout.py: parameter leaves of the state, how many per-layer leaves it stacks, and
+the seconds spent tracing the loss to find them). One JSON line per part. The persistent
+compilation cache is off for this mode, so each figure is a real compile.
 
 train: the full jitted train step (every objective the config turns on, the optimiser update,
 donated state) on random weights and inputs: compile time, steps/s and images/s over --iters
@@ -127,48 +129,10 @@ def _peak_flops(device) -> float | None:
     return None
 
 
-def _smallest_vocab(node) -> int:
-    """The smallest `vocab_size` in a model config (BERT's, CLIP's text tower's, ...)."""
-    if not isinstance(node, dict):
-        return 1 << 30
-    own = node.get("vocab_size", 1 << 30)
-    return min([int(own)] + [_smallest_vocab(v) for v in node.values()])
-
-
-def train_batch(config, objective, batch_size: int, seed: int) -> dict:
-    """A random training batch with the keys the objective reads (the base keys, and the
-    masked-sentence keys of Mask Grounding)."""
-    import numpy as np
-    rng = np.random.default_rng(seed)
-    size, n = config.model.image_size, config.model.max_tokens
-    mask = np.zeros((batch_size, size, size), np.float32)
-    mask[:, size // 4: size // 2, size // 3: 2 * size // 3] = 1
-    att = (np.arange(n)[None] < rng.integers(4, n + 1, (batch_size, 1))).astype(np.int32)
-    vocab = _smallest_vocab(config.model.to_dict())
-    low, high = (1000, 2000) if vocab >= 2000 else (1, vocab - 1)   # ids every table holds
-    ids = (rng.integers(low, high, (batch_size, n)) * att).astype(np.int32)
-    ids[:, 0] = 101
-    targets = np.where((rng.random((batch_size, n)) < 0.15) & (att == 1), ids, -1).astype(np.int32)
-    targets[:, 0] = -1
-    batch = dict(image=rng.standard_normal((batch_size, size, size, 3)).astype(np.float32),
-                 mask=mask, ids=ids, att=att, weight=np.ones((batch_size,), np.float32),
-                 no_target=np.zeros((batch_size,), np.int32),
-                 mg_ids=np.where(targets >= 0, 103, ids).astype(np.int32), mg_targets=targets)
-    from magnet_jax.methods import method_of
-    for name, (shape, dtype) in method_of(config.model).extra_input_specs(
-            config.model, size).items():
-        # Random 0/1 masks and all-valid bits: the method's extra inputs at full use.
-        batch[name] = (rng.random((batch_size,) + tuple(shape)) < 0.3).astype(dtype) \
-            if len(shape) > 1 else np.ones((batch_size,) + tuple(shape), dtype)
-    missing = [k for k in objective.batch_keys if k not in batch]
-    if missing:
-        raise ValueError(f"bench has no random batch arrays for {', '.join(missing)}")
-    return {k: batch[k] for k in objective.batch_keys}
-
-
 def _random_train_state(config, num_steps: int, seed: int):
     """The config's method, model section, objective and randomly initialised train state on
-    the run's mesh -> (mesh, method, model_cfg, objective, state, shardings, tx, opt_cfg)."""
+    the run's mesh -> (mesh, method, model_cfg, objective, state, shardings, tx, opt_cfg,
+    the train state's layout)."""
     from magnet_jax.training import loop
     from magnet_jax.training.optimizer import make_optimizer
     from magnet_jax.training.step import init_train_state
@@ -177,11 +141,12 @@ def _random_train_state(config, num_steps: int, seed: int):
     method, model_cfg, model = loop.model_from_config(config)
     objective = loop.objective_from_config(config, method, model)
     opt_cfg = loop.optimizer_config(config, num_steps, mesh)
+    layout = loop.train_layout(config, model, objective, opt_cfg, mesh)
     state, shardings, tx = init_train_state(model, objective.init_heads,
-                                            lambda p: make_optimizer(p, opt_cfg),
+                                            lambda p: make_optimizer(p, opt_cfg, layout),
                                             int(model_cfg.image_size), seed, mesh,
-                                            max_tokens=int(model_cfg.max_tokens))
-    return mesh, method, model_cfg, objective, state, shardings, tx, opt_cfg
+                                            max_tokens=int(model_cfg.max_tokens), layout=layout)
+    return mesh, method, model_cfg, objective, state, shardings, tx, opt_cfg, layout
 
 
 def bench_train(config, batch_size: int, iters: int, seed: int) -> dict:
@@ -189,18 +154,19 @@ def bench_train(config, batch_size: int, iters: int, seed: int) -> dict:
     import jax
     import numpy as np
     from magnet_jax import sharding
+    from magnet_jax.training.random_batch import random_train_batch
     from magnet_jax.training.step import jit_train_step, make_train_step
 
     config = _with_batch(config, batch_size)
-    mesh, method, model_cfg, objective, state, shardings, tx, opt_cfg = _random_train_state(
-        config, max(iters + 2, 10), seed)
+    mesh, method, model_cfg, objective, state, shardings, tx, opt_cfg, layout = \
+        _random_train_state(config, max(iters + 2, 10), seed)
     size = int(model_cfg.image_size)
-    host = train_batch(config, objective, batch_size, seed)
+    host = random_train_batch(config, objective, batch_size, seed)
     batch = jax.device_put({k: host[k] for k in objective.batch_keys},
                            sharding.batch_sharding(mesh))
     step = jit_train_step(make_train_step(objective.loss_fn, tx, seed,
                                           config.train.accumulation_steps,
-                                          opt_cfg.flat_global_norm), shardings, mesh)
+                                          opt_cfg.flat_global_norm, layout), shardings, mesh)
     start = time.perf_counter()
     compiled = step.lower(state, batch).compile()
     compile_s = time.perf_counter() - start
@@ -243,7 +209,9 @@ def bench_save(config, iters: int, seed: int) -> list[dict]:
 
     # Batch sizes play no part in a save: one per device passes the run's mesh checks.
     config = _with_batch(config, len(jax.devices()))
-    mesh, _, _, _, state, _, _, _ = _random_train_state(config, 10, seed)
+    mesh, _, _, _, state, shardings, _, _, layout = _random_train_state(config, 10, seed)
+    from magnet_jax.training.loop import LayoutConversions
+    state = LayoutConversions(layout, shardings).per_layer_state(state)   # what the loop saves
     leaves = jax.tree.leaves(state)
     results = []
     for name, handler in (("orbax default (replica-parallel)", ocp.type_handlers.ArrayHandler()),
@@ -342,24 +310,31 @@ def compile_train_step(config, batch_size: int, seed: int = 0) -> dict:
     from magnet_jax import sharding
     from magnet_jax.training import loop
     from magnet_jax.training.optimizer import make_optimizer
+    from magnet_jax.training.random_batch import random_train_batch
     from magnet_jax.training.step import abstract_train_state, jit_train_step, make_train_step
     config = _with_batch(config, batch_size)
     mesh = loop.make_run_mesh(config)
     method, model_cfg, model = loop.model_from_config(config)
     objective = loop.objective_from_config(config, method, model)
     opt_cfg = loop.optimizer_config(config, 1000, mesh)
+    start = time.perf_counter()
+    layout = loop.train_layout(config, model, objective, opt_cfg, mesh)
+    layout_s = time.perf_counter() - start
     _, state, shardings, tx = abstract_train_state(
-        model, objective.init_heads, lambda p: make_optimizer(p, opt_cfg),
-        int(model_cfg.image_size), seed, mesh, max_tokens=int(model_cfg.max_tokens))
-    host = train_batch(config, objective, batch_size, seed)
+        model, objective.init_heads, lambda p: make_optimizer(p, opt_cfg, layout),
+        int(model_cfg.image_size), seed, mesh, max_tokens=int(model_cfg.max_tokens),
+        layout=layout)
+    host = random_train_batch(config, objective, batch_size, seed)
     batch_sharding = sharding.batch_sharding(mesh)
     batch = {k: jax.ShapeDtypeStruct(host[k].shape, host[k].dtype, sharding=batch_sharding)
              for k in objective.batch_keys}
     step = jit_train_step(make_train_step(objective.loss_fn, tx, seed,
                                           config.train.accumulation_steps,
-                                          opt_cfg.flat_global_norm), shardings, mesh)
+                                          opt_cfg.flat_global_norm, layout), shardings, mesh)
     record = _compile_record(config, "train", batch_size)
-    record.update(method=method.name, **objective.summary)
+    record.update(method=method.name, **objective.summary,
+                  stacked_leaves=layout.num_stacked_leaves, layout_s=round(layout_s, 2),
+                  state_param_leaves=len(jax.tree.leaves(state.params)))
     return dict(record, **_timed_compile(step, state, batch))
 
 

@@ -13,6 +13,7 @@ that each one creates its own parameters.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable, Sequence
 
 import jax
@@ -22,8 +23,27 @@ import jax.numpy as jnp
 MIN_SCAN_STEPS = 2
 
 
+# Open `record_stacks` lists: each receives the leaves of every stack formed while open.
+_recorders: list[list] = []
+
+
+@contextlib.contextmanager
+def record_stacks():
+    """Collect what `stack_trees` stacks while open: one entry per call, the list of each
+    tree's leaves. training/layout.py traces the loss under it to find the parameter groups
+    the train state can store stacked."""
+    found: list[list[list[Any]]] = []
+    _recorders.append(found)
+    try:
+        yield found
+    finally:
+        _recorders.remove(found)
+
+
 def stack_trees(trees: Sequence[Any]) -> Any:
     """[tree_0, tree_1, ...] of equal structure -> one tree with a leading layer axis."""
+    for found in _recorders:
+        found.append([jax.tree.leaves(t) for t in trees])
     return jax.tree.map(lambda *leaves: jnp.stack(leaves), *trees)
 
 
@@ -51,4 +71,4 @@ def layer_keys(key: jax.Array | None, count: int) -> jax.Array | None:
     return None if key is None else jax.random.split(key, count)
 
 
-__all__ = ["MIN_SCAN_STEPS", "layer_keys", "scan_layers", "stack_trees"]
+__all__ = ["MIN_SCAN_STEPS", "layer_keys", "record_stacks", "scan_layers", "stack_trees"]

@@ -30,9 +30,11 @@ from orbax.checkpoint.checkpoint_managers import preservation_policy as preserva
 from magnet_jax.models import presets
 from magnet_jax.restore import CHECKPOINT_DIR, RUN_CONFIG
 
-# Config keys a resumed run may change without becoming another run (model.remat and
-# model.scan_layers change how the same function is compiled, not the parameters).
-RESUMABLE_KEYS = ("model.remat", "model.scan_layers", "train.num_steps", "train.num_epochs",
+# Config keys a resumed run may change without becoming another run (model.remat,
+# model.scan_layers and train.stack_layers change how the same function is compiled, not the
+# parameters or the checkpoint).
+RESUMABLE_KEYS = ("model.remat", "model.scan_layers", "train.stack_layers", "train.num_steps",
+                  "train.num_epochs",
                   "train.log_every_steps", "train.progress_bar", "train.max_runtime_minutes",
                   "train.stop_on_nonfinite", "eval.", "checkpoint.", "data.num_workers",
                   "data.read_threads", "data.prefetch", "init.")

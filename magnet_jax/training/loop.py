@@ -37,10 +37,12 @@ from magnet_jax.data import mixture, pipeline, records
 from magnet_jax.data.transforms import Augment
 from magnet_jax import methods
 from magnet_jax.methods import Method, Objective
-from magnet_jax.training import checkpointing
+from magnet_jax.training import checkpointing, layout
 from magnet_jax.evaluation.evaluator import evaluate_split, make_eval_step
-from magnet_jax.training.optimizer import as_optimizer_config, make_optimizer
-from magnet_jax.training.step import init_train_state, jit_train_step, make_train_step
+from magnet_jax.training.layout import StackedLayout
+from magnet_jax.training.optimizer import as_optimizer_config, leaf_treatment, make_optimizer
+from magnet_jax.training.step import (abstract_params, init_train_state, jit_train_step,
+                                      make_train_step)
 from magnet_jax.writers import MetricWriter
 
 log = logging.getLogger(__name__)
@@ -225,6 +227,52 @@ def optimizer_config(config, total_steps: int, mesh=None):
         raise ConfigError(f"optim: {e}") from None
 
 
+def train_layout(config, model, objective: Objective, opt_cfg, mesh) -> StackedLayout:
+    """How the train state stores the parameters (training/layout.py): each group of layers the
+    model scans over as one stacked array, found by tracing the loss once; per layer when
+    train.stack_layers is off or the model scans nothing (model.scan_layers off)."""
+    if not config.train.get("stack_layers", True) or not config.model.get("scan_layers", True):
+        return StackedLayout()
+    import flax.linen as nn
+    from magnet_jax.training.random_batch import random_train_batch
+    model_cfg = config.model
+    params = abstract_params(model, objective.init_heads, int(model_cfg.image_size),
+                             config.seed, int(model_cfg.max_tokens))
+    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype)      # shapes only: one example
+             for k, v in random_train_batch(config, objective, 1, config.seed).items()}
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
+        return layout.discover(objective.loss_fn, params, batch, jax.random.key(config.seed),
+                               leaf_treatment(params, opt_cfg))
+
+
+class LayoutConversions:
+    """The jitted conversions between the stacked train state and the per-layer trees that
+    checkpoints, evaluation and export use (identity when the layout stacks nothing)."""
+
+    def __init__(self, layout_: StackedLayout, state_shardings):
+        self.layout = layout_
+        self.state_shardings = state_shardings
+        self.per_layer_shardings = layout_.unstack_state(state_shardings)
+        self._per_layer_state = jax.jit(layout_.unstack_state,
+                                        out_shardings=self.per_layer_shardings)
+        self._stacked_state = jax.jit(layout_.stack_state, out_shardings=state_shardings)
+        self._per_layer_params = jax.jit(layout_.unstack,
+                                         out_shardings=self.per_layer_shardings.params)
+        self._stacked_params = jax.jit(layout_.stack, out_shardings=state_shardings.params)
+
+    def per_layer_state(self, state):
+        return self._per_layer_state(state) if self.layout else state
+
+    def stacked_state(self, state):
+        return self._stacked_state(state) if self.layout else state
+
+    def per_layer_params(self, params):
+        return self._per_layer_params(params) if self.layout else params
+
+    def stacked_params(self, params):
+        return self._stacked_params(params) if self.layout else params
+
+
 def train_iterator(config, data_dir: str, image_size: int, objective: Objective,
                    tokenizer=None, mix: mixture.Mixture | None = None):
     """tokenizer: the method's own (Method.text_tokenizer); None = the records' BERT ids.
@@ -239,6 +287,12 @@ def train_iterator(config, data_dir: str, image_size: int, objective: Objective,
         ds = mixture.train_dataset(mix, **kwargs)
     return pipeline.make_iterator(ds, config.data.num_workers, read_threads=config.data.read_threads,
                                   prefetch_buffer=config.data.prefetch)
+
+
+def pretrained_configured(config) -> bool:
+    """Whether the config names pretrained weights to load (`load_pretrained`)."""
+    return bool(config.init.params or config.init.get("swin") or config.init.get("bert")
+                or methods.method_of(config.model).import_pretrained is not None)
 
 
 def load_pretrained(config, params: dict, shardings: dict) -> dict:
@@ -356,14 +410,17 @@ def train(config, workdir: str | os.PathLike, *, allow_config_change: bool = Fal
     image_size = int(model_cfg.image_size)
     objective = objective_from_config(config, method, model)
     opt_cfg = optimizer_config(config, total_steps, mesh)
+    state_layout = train_layout(config, model, objective, opt_cfg, mesh)
     state, state_shardings, tx = init_train_state(
-        model, objective.init_heads, lambda p: make_optimizer(p, opt_cfg), image_size,
-        config.seed, mesh, max_tokens=int(model_cfg.max_tokens))
+        model, objective.init_heads, lambda p: make_optimizer(p, opt_cfg, state_layout),
+        image_size, config.seed, mesh, max_tokens=int(model_cfg.max_tokens),
+        layout=state_layout)
     train_step = jit_train_step(
         make_train_step(objective.loss_fn, tx, config.seed, config.train.accumulation_steps,
-                        opt_cfg.flat_global_norm),
+                        opt_cfg.flat_global_norm, state_layout),
         state_shardings, mesh, compiler_options=compiler_options)
-    model_param_shardings = objective.model_params(state_shardings.params)
+    convert = LayoutConversions(state_layout, state_shardings)
+    model_param_shardings = objective.model_params(convert.per_layer_shardings.params)
     extra_keys = tuple(method.extra_input_specs(model_cfg, image_size))
     eval_step = make_eval_step(method, model, model_param_shardings, mesh, extra_keys)
 
@@ -375,11 +432,15 @@ def train(config, workdir: str | os.PathLike, *, allow_config_change: bool = Fal
     start = ckpt.latest_step()
     if start is not None:
         log.info("resuming from step %d in %s", start, ckpt.directory)
-        state = ckpt.restore(start, checkpointing.abstract_like(state), data_iter)
+        # Checkpoints hold the per-layer tree (training/layout.py).
+        state = convert.stacked_state(ckpt.restore(
+            start, state_layout.unstack_state(checkpointing.abstract_like(state)), data_iter))
     else:
         start = 0
-        state = state.replace(params=load_pretrained(config, state.params,
-                                                     state_shardings.params))
+        if pretrained_configured(config):
+            params = load_pretrained(config, convert.per_layer_params(state.params),
+                                     convert.per_layer_shardings.params)
+            state = state.replace(params=convert.stacked_params(params))
     writer = MetricWriter(workdir)
     keys = objective.batch_keys
     end = total_steps if stop_after_steps is None else min(total_steps, int(stop_after_steps))
@@ -396,7 +457,7 @@ def train(config, workdir: str | os.PathLike, *, allow_config_change: bool = Fal
 
     def run_eval(at_step: int) -> dict[str, float]:
         results: dict[str, float] = {}
-        params = objective.model_params(state.params)
+        params = objective.model_params(convert.per_layer_params(state.params))
         for i, (name, split_dir, split) in enumerate(targets):
             r = evaluate_split(eval_step, params, split_dir, split, image_size=image_size,
                                global_batch=config.eval.batch_size, mesh=mesh,
@@ -460,7 +521,7 @@ def train(config, workdir: str | os.PathLike, *, allow_config_change: bool = Fal
                         and step % config.checkpoint.every_steps == 0):
                     if pending is not None and config.train.stop_on_nonfinite:
                         _check_finite(*pending)
-                    ckpt.save(step, state, data_iter, config,
+                    ckpt.save(step, convert.per_layer_state(state), data_iter, config,
                               metrics=eval_metrics if evaluated else None)
                 if interrupted or timed_out:
                     stopped = "preempted" if interrupted else "time_limit"
@@ -476,7 +537,8 @@ def train(config, workdir: str | os.PathLike, *, allow_config_change: bool = Fal
     if stopped == "done" and step < total_steps:
         stopped = "paused"               # stop_after_steps
     if stopped == "done":
-        export_params(workdir, objective.model_params(state.params), model_cfg)
+        export_params(workdir, objective.model_params(convert.per_layer_params(state.params)),
+                      model_cfg)
     return RunResult(step=step, stopped=stopped, last_metrics=last_metrics,
                      eval_metrics=eval_metrics, seconds=time.time() - start_time)
 

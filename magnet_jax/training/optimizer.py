@@ -252,16 +252,50 @@ def make_schedule(cfg: Any = None) -> optax.Schedule:
     return optax.join_schedules([warmup, decay], [c.warmup_steps])
 
 
-def make_optimizer(params: Any, cfg: Any = None) -> optax.GradientTransformation:
-    """The full training optimiser for `params` (only its tree paths are used)."""
+def leaf_treatment(params: Any, cfg: Any = None) -> Any:
+    """Tree of "label/decays" strings per leaf of the per-layer `params`: leaves that agree in
+    it can share one stacked array in the train state (training/layout.py)."""
     c = as_optimizer_config(cfg)
-    labels = param_labels(params, c.text_trainable, c.bert_num_layers)
+    return jax.tree.map(lambda label, decays: f"{label}/{decays}",
+                        param_labels(params, c.text_trainable, c.bert_num_layers),
+                        decay_mask(params, c.wd_mask))
+
+
+def _first_of_group(values):
+    if any(v != values[0] for v in values[1:]):
+        raise ValueError(f"a stacked parameter group mixes optimiser treatments {set(values)}")
+    return values[0]
+
+
+def _repeat(leaf, count):
+    return [leaf] * count
+
+
+def make_optimizer(params: Any, cfg: Any = None,
+                   layout: Any = None) -> optax.GradientTransformation:
+    """The full training optimiser for `params` (only its tree paths are used).
+
+    layout: the `training.layout.StackedLayout` that `params` are stored in (None: per
+    layer); the groups and decay masks are those of the per-layer tree.
+    """
+    c = as_optimizer_config(cfg)
+    if layout:
+        per_layer = layout.unstack(params, _repeat)
+        labels = layout.stack(param_labels(per_layer, c.text_trainable, c.bert_num_layers),
+                              _first_of_group)
+    else:
+        labels = param_labels(params, c.text_trainable, c.bert_num_layers)
     base = make_schedule(c)
+
+    def mask(p):
+        if not layout:
+            return decay_mask(p, c.wd_mask)
+        return layout.stack(decay_mask(layout.unstack(p, _repeat), c.wd_mask), _first_of_group)
 
     def adamw(mult: float) -> optax.GradientTransformation:
         schedule = base if mult == 1.0 else (lambda step: base(step) * mult)
         return optax.adamw(schedule, b1=c.b1, b2=c.b2, eps=c.eps, weight_decay=c.weight_decay,
-                           mask=lambda p: decay_mask(p, c.wd_mask))
+                           mask=mask)
 
     train_or_frozen = jax.tree.map(lambda l: FROZEN if l == FROZEN else "train", labels)
     parts = [optax.multi_transform({"train": optax.identity(), FROZEN: optax.set_to_zero()},
@@ -278,4 +312,4 @@ def make_optimizer(params: Any, cfg: Any = None) -> optax.GradientTransformation
 
 
 __all__ = ["OptimizerConfig", "as_optimizer_config", "clip_by_global_norm", "decay_mask",
-           "global_norm", "make_optimizer", "make_schedule", "param_labels"]
+           "global_norm", "leaf_treatment", "make_optimizer", "make_schedule", "param_labels"]

@@ -22,6 +22,7 @@ from jax.sharding import Mesh
 
 from magnet_jax import sharding
 from magnet_jax.models import dummy_inputs
+from magnet_jax.training.layout import StackedLayout
 from magnet_jax.training.optimizer import global_norm
 
 
@@ -44,8 +45,12 @@ def _microbatches(batch: Mapping[str, jax.Array], k: int) -> dict[str, jax.Array
 
 
 def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, seed: int,
-                    accumulation_steps: int = 1, flat_global_norm: bool = False) -> Callable:
+                    accumulation_steps: int = 1, flat_global_norm: bool = False,
+                    layout: StackedLayout | None = None) -> Callable:
     """The pure step (state, batch) -> (state, metrics); metrics are global means.
+
+    layout: the parameters are stored stacked (training/layout.py); the loss sees them per
+    layer.
 
     flat_global_norm: the grad_norm metric as one reduction (optimizer.global_norm); only
     where the parameters are replicated.
@@ -55,6 +60,12 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, seed: i
     the same update as the whole batch when every example has weight 1 (the losses are
     per-microbatch weighted means). Microbatch j draws its randomness from fold_in(key, j).
     """
+    if layout:
+        per_layer_loss = loss_fn
+
+        def loss_fn(params, batch, key):
+            return per_layer_loss(layout.unstack_in_graph(params), batch, key)
+
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def gradients(params, batch, key):
@@ -87,22 +98,40 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, seed: i
     return train_step
 
 
+def _boxed_params(model: nn.Module, init_heads: Callable[[jax.Array], dict] | None,
+                  image_size: int, max_tokens: int, key: jax.Array) -> dict:
+    """The per-layer parameter tree with its logical annotations (model + training heads)."""
+    k_model, k_head = jax.random.split(key)
+    params = dict(model.init(k_model, *dummy_inputs(image_size, max_tokens))["params"])
+    if init_heads is not None:
+        params.update(init_heads(k_head))
+    return params
+
+
+def abstract_params(model: nn.Module, init_heads: Callable[[jax.Array], dict] | None,
+                    image_size: int, seed: int, max_tokens: int = 20) -> dict:
+    """ShapeDtypeStructs of the per-layer parameter tree of the train state (no shardings)."""
+    return nn.unbox(jax.eval_shape(
+        lambda k: _boxed_params(model, init_heads, image_size, max_tokens, k),
+        jax.random.key(seed)))
+
+
 def abstract_train_state(model: nn.Module, init_heads: Callable[[jax.Array], dict] | None,
                          make_tx: Callable[[Any], Any], image_size: int, seed: int, mesh: Mesh,
-                         max_tokens: int = 20):
+                         max_tokens: int = 20, layout: StackedLayout | None = None):
     """The train state's shapes and shardings, without computing it (no compilation).
 
     init_heads(key) -> {name: boxed params} of the objective's training-only heads (None: none).
     make_tx(abstract params) -> optax transformation (the groups depend on the tree).
+    layout: store the parameters (and so the optimiser's moments) stacked
+    (training/layout.py); make_tx then receives the stacked tree.
     Returns (boxed_state: key -> boxed state, abstract state (ShapeDtypeStructs with their
     shardings), state_shardings, tx).
     """
+    layout = layout or StackedLayout()
+
     def boxed_params(key):
-        k_model, k_head = jax.random.split(key)
-        params = dict(model.init(k_model, *dummy_inputs(image_size, max_tokens))["params"])
-        if init_heads is not None:
-            params.update(init_heads(k_head))
-        return params
+        return layout.stack(_boxed_params(model, init_heads, image_size, max_tokens, key))
 
     key = jax.random.key(seed)
     # The optimiser groups only need the tree's paths and shapes.
@@ -124,14 +153,15 @@ def abstract_train_state(model: nn.Module, init_heads: Callable[[jax.Array], dic
 
 def init_train_state(model: nn.Module, init_heads: Callable[[jax.Array], dict] | None,
                      make_tx: Callable[[Any], Any], image_size: int, seed: int, mesh: Mesh,
-                     max_tokens: int = 20):
+                     max_tokens: int = 20, layout: StackedLayout | None = None):
     """Create the sharded train state directly on the mesh (no replicated host copy).
 
     make_tx(abstract params) -> optax transformation (the groups depend on the tree).
+    layout: as in `abstract_train_state`.
     Returns (state, state_shardings, tx).
     """
     boxed_state, _, shardings, tx = abstract_train_state(model, init_heads, make_tx, image_size,
-                                                         seed, mesh, max_tokens)
+                                                         seed, mesh, max_tokens, layout)
     state = jax.jit(lambda k: nn.unbox(boxed_state(k)),
                     out_shardings=shardings)(jax.random.key(seed))
     return state, shardings, tx
