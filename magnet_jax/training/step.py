@@ -3,7 +3,8 @@ differentiated and applied in one jit-compiled function with explicit shardings.
 
 The train state is a plain pytree (step, params, opt_state); params hold the model's tree at
 the root (for MagNet the official layout, which the optimizer groups and the converter rely
-on) plus each training-only head under its name (MagNet: `mask_grounding`).
+on) plus each training-only head under its name (MagNet: `mask_grounding`); with a
+`StackedLayout` the groups the model scans over are stored stacked (training/layout.py).
 RNG = fold_in(key(seed), step), so a resumed run draws the same dropout, drop-path and sampling
 bits; JAX partitions those bits with the arrays, so 1 device and a sharded mesh draw the same
 ones (jax_stack.md §3.2).
