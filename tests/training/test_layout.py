@@ -143,40 +143,68 @@ def test_shardings_and_abstract_arrays_gain_and_lose_the_layer_axis():
     assert layout_lib.split_leaf(optax.MaskedNode(), 2) == [optax.MaskedNode()] * 2
 
 
-@pytest.mark.parametrize("first, second", [(False, True), (True, False)])
-def test_resume_across_layouts_continues_the_same_loss_curve(first, second, tmp_path):
-    """Checkpoints hold the per-layer tree whatever the layout: a run saved with
-    train.stack_layers=`first` resumes with `second` and logs the losses of a run that never
-    stopped."""
+def test_a_stacked_state_is_saved_per_layer_and_restored_stacked(tmp_path):
+    """The loop's conversions around TrainCheckpoints on the tiny MagNet (no train step
+    compiled): the saved tree is the per-layer one, and restoring it and stacking it again
+    gives back every value and sharding of the stacked state (parameters and AdamW moments)."""
+    import grain
+    from tests.training.test_loop import tiny_config
+    from magnet_jax.training import checkpointing, loop
+    from magnet_jax.training.step import abstract_params, abstract_train_state
+
+    config = tiny_config()
+    mesh = loop.make_run_mesh(config)
+    method, model_cfg, model = loop.model_from_config(config)
+    objective = loop.objective_from_config(config, method, model)
+    opt_cfg = loop.optimizer_config(config, 10, mesh)
+    found = loop.train_layout(config, model, objective, opt_cfg, mesh)
+    _, abstract_state, shardings, _ = abstract_train_state(
+        model, objective.init_heads, lambda p: make_optimizer(p, opt_cfg, found),
+        int(model_cfg.image_size), 0, mesh, int(model_cfg.max_tokens), layout=found)
+    # Distinct random values in every leaf, moments included (no init to compile).
+    rng = np.random.default_rng(0)
+    state = jax.tree.map(lambda a: jax.device_put(
+        rng.standard_normal(a.shape).astype(a.dtype), a.sharding), abstract_state)
+    convert = loop.LayoutConversions(found, shardings)
+    ckpt = checkpointing.TrainCheckpoints(tmp_path, async_save=False)
+    data_iter = iter(grain.MapDataset.range(4).to_iter_dataset())
+    ckpt.save(1, convert.per_layer_state(state), data_iter, config)
+    restored = convert.stacked_state(ckpt.restore(
+        1, found.unstack_state(checkpointing.abstract_like(state))))
+    ckpt.close()
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        assert a.sharding.is_equivalent_to(b.sharding, a.ndim)
+    per_layer = abstract_params(model, objective.init_heads, int(model_cfg.image_size), 0,
+                                int(model_cfg.max_tokens))
+    metadata = json.loads((tmp_path / "checkpoints" / "1" / "state" / "_METADATA").read_text())
+    stored = {ast.literal_eval(k)[1:] for k in metadata["tree_metadata"]
+              if k.startswith("('params'")}
+    assert stored == {tuple(path) for path in layout_lib.leaves_by_path(per_layer)}
+    assert ("image_model", "layers_0", "pyramids_1", "expand", "kernel") in stored
+
+
+@pytest.mark.extended
+def test_resume_across_layouts_continues_the_same_loss_curve(tmp_path):
+    """Checkpoints hold the per-layer tree whatever the layout: a run that stops and resumes
+    with train.stack_layers switched each time (per layer -> stacked -> per layer) logs the
+    losses of a stacked run that never stopped."""
     from tests.training.test_loop import FAST, tiny_config, train_losses
     from magnet_jax.data import synthetic
     from magnet_jax.training import loop
-    from magnet_jax.training.step import abstract_params
 
     data = tmp_path / "data"
     synthetic.generate(data, num_train=24, num_val=6, num_heldout=6, image_size=32, seed=0)
     overrides = {"data.dir": str(data), "eval.at_end": False, "train.num_steps": 3,
                  "checkpoint.every_steps": 1}
-    full = loop.train(tiny_config(**overrides, **{"train.stack_layers": second}),
-                      tmp_path / "full", compiler_options=FAST)
-    assert full.step == 3
+
+    def config(stacked: bool):
+        return tiny_config(**overrides, **{"train.stack_layers": stacked})
+
+    assert loop.train(config(True), tmp_path / "full", compiler_options=FAST).step == 3
     split = tmp_path / "split"
-    loop.train(tiny_config(**overrides, **{"train.stack_layers": first}), split,
-               stop_after_steps=1, compiler_options=FAST)
-    # The checkpoint holds the per-layer tree: the parameter paths orbax recorded are those of
-    # the model's own tree (the pyramid branches, which the model stacks, one subtree each).
-    config = tiny_config(**overrides)
-    method, model_cfg, model = loop.model_from_config(config)
-    objective = loop.objective_from_config(config, method, model)
-    per_layer = abstract_params(model, objective.init_heads, int(model_cfg.image_size), 0,
-                                int(model_cfg.max_tokens))
-    metadata = json.loads((split / "checkpoints" / "1" / "state" / "_METADATA").read_text())
-    stored = {ast.literal_eval(k)[1:] for k in metadata["tree_metadata"]
-              if k.startswith("('params'")}
-    assert stored == {tuple(path) for path in layout_lib.leaves_by_path(per_layer)}
-    assert ("image_model", "layers_0", "pyramids_1", "expand", "kernel") in stored
-    loop.train(tiny_config(**overrides, **{"train.stack_layers": second}), split,
-               compiler_options=FAST)
+    for stacked, stop in ((False, 1), (True, 2), (False, None)):
+        loop.train(config(stacked), split, stop_after_steps=stop, compiler_options=FAST)
     expected, got = train_losses(tmp_path / "full"), train_losses(split)
     np.testing.assert_allclose([got[s] for s in (1, 2, 3)], [expected[s] for s in (1, 2, 3)],
                                rtol=1e-5)
