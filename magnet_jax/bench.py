@@ -206,11 +206,11 @@ def bench_save(config, iters: int, seed: int) -> list[dict]:
     import jax
     import orbax.checkpoint as ocp
     from magnet_jax.training import checkpointing
+    from magnet_jax.training.loop import LayoutConversions
 
     # Batch sizes play no part in a save: one per device passes the run's mesh checks.
     config = _with_batch(config, len(jax.devices()))
     mesh, _, _, _, state, shardings, _, _, layout = _random_train_state(config, 10, seed)
-    from magnet_jax.training.loop import LayoutConversions
     state = LayoutConversions(layout, shardings).per_layer_state(state)   # what the loop saves
     leaves = jax.tree.leaves(state)
     results = []
