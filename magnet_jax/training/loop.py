@@ -251,7 +251,6 @@ class LayoutConversions:
 
     def __init__(self, layout_: StackedLayout, state_shardings):
         self.layout = layout_
-        self.state_shardings = state_shardings
         self.per_layer_shardings = layout_.unstack_state(state_shardings)
         self._per_layer_state = jax.jit(layout_.unstack_state,
                                         out_shardings=self.per_layer_shardings)

@@ -279,18 +279,18 @@ def make_optimizer(params: Any, cfg: Any = None,
     layer); the groups and decay masks are those of the per-layer tree.
     """
     c = as_optimizer_config(cfg)
-    if layout:
-        per_layer = layout.unstack(params, _repeat)
-        labels = layout.stack(param_labels(per_layer, c.text_trainable, c.bert_num_layers),
-                              _first_of_group)
-    else:
-        labels = param_labels(params, c.text_trainable, c.bert_num_layers)
+
+    def per_layer(rule, tree):
+        """rule's tree of the per-layer view of `tree`, in `tree`'s layout."""
+        if not layout:
+            return rule(tree)
+        return layout.stack(rule(layout.unstack(tree, _repeat)), _first_of_group)
+
+    labels = per_layer(lambda t: param_labels(t, c.text_trainable, c.bert_num_layers), params)
     base = make_schedule(c)
 
     def mask(p):
-        if not layout:
-            return decay_mask(p, c.wd_mask)
-        return layout.stack(decay_mask(layout.unstack(p, _repeat), c.wd_mask), _first_of_group)
+        return per_layer(lambda t: decay_mask(t, c.wd_mask), p)
 
     def adamw(mult: float) -> optax.GradientTransformation:
         schedule = base if mult == 1.0 else (lambda step: base(step) * mult)
