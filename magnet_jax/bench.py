@@ -135,17 +135,19 @@ def _random_train_state(config, num_steps: int, seed: int):
     the train state's layout)."""
     from magnet_jax.training import loop
     from magnet_jax.training.optimizer import make_optimizer
-    from magnet_jax.training.step import init_train_state
+    from magnet_jax.training.step import abstract_boxed_params, init_train_state
 
     mesh = loop.make_run_mesh(config)
     method, model_cfg, model = loop.model_from_config(config)
     objective = loop.objective_from_config(config, method, model)
     opt_cfg = loop.optimizer_config(config, num_steps, mesh)
-    layout = loop.train_layout(config, model, objective, opt_cfg, mesh)
+    size, tokens = int(model_cfg.image_size), int(model_cfg.max_tokens)
+    boxed_params = abstract_boxed_params(model, objective.init_heads, size, seed, tokens)
+    layout = loop.train_layout(config, model, objective, opt_cfg, mesh, boxed_params)
     state, shardings, tx = init_train_state(model, objective.init_heads,
                                             lambda p: make_optimizer(p, opt_cfg, layout),
-                                            int(model_cfg.image_size), seed, mesh,
-                                            max_tokens=int(model_cfg.max_tokens), layout=layout)
+                                            size, seed, mesh, max_tokens=tokens, layout=layout,
+                                            boxed_params=boxed_params)
     return mesh, method, model_cfg, objective, state, shardings, tx, opt_cfg, layout
 
 
@@ -311,19 +313,21 @@ def compile_train_step(config, batch_size: int, seed: int = 0) -> dict:
     from magnet_jax.training import loop
     from magnet_jax.training.optimizer import make_optimizer
     from magnet_jax.training.random_batch import random_train_batch
-    from magnet_jax.training.step import abstract_train_state, jit_train_step, make_train_step
+    from magnet_jax.training.step import (abstract_boxed_params, abstract_train_state,
+                                          jit_train_step, make_train_step)
     config = _with_batch(config, batch_size)
     mesh = loop.make_run_mesh(config)
     method, model_cfg, model = loop.model_from_config(config)
     objective = loop.objective_from_config(config, method, model)
     opt_cfg = loop.optimizer_config(config, 1000, mesh)
+    size, tokens = int(model_cfg.image_size), int(model_cfg.max_tokens)
+    boxed_params = abstract_boxed_params(model, objective.init_heads, size, seed, tokens)
     start = time.perf_counter()
-    layout = loop.train_layout(config, model, objective, opt_cfg, mesh)
+    layout = loop.train_layout(config, model, objective, opt_cfg, mesh, boxed_params)
     layout_s = time.perf_counter() - start
     _, state, shardings, tx = abstract_train_state(
-        model, objective.init_heads, lambda p: make_optimizer(p, opt_cfg, layout),
-        int(model_cfg.image_size), seed, mesh, max_tokens=int(model_cfg.max_tokens),
-        layout=layout)
+        model, objective.init_heads, lambda p: make_optimizer(p, opt_cfg, layout), size, seed,
+        mesh, max_tokens=tokens, layout=layout, boxed_params=boxed_params)
     host = random_train_batch(config, objective, batch_size, seed)
     batch_sharding = sharding.batch_sharding(mesh)
     batch = {k: jax.ShapeDtypeStruct(host[k].shape, host[k].dtype, sharding=batch_sharding)

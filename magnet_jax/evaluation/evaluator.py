@@ -29,12 +29,17 @@ ROW_FIELDS = ("index", "ref_id", "sent_id", "intersection", "union")
 
 
 def make_eval_step(method: Method, model: nn.Module, params_sharding: Any, mesh,
-                   extra_keys: tuple[str, ...] = ()) -> Callable:
+                   extra_keys: tuple[str, ...] = (),
+                   params_view: Callable[[Any], Any] | None = None) -> Callable:
     """jit (params, batch) -> (I, U, coarse logits): per-example I and U at the input size and
     the (B, h, w) stride-4 mask logits (the method's inference function), all sharded like the
     batch. `extra_keys`: the method's extra model inputs the batch carries
-    (Method.extra_input_specs)."""
+    (Method.extra_input_specs). `params_view`: maps the given parameters to the model's
+    per-layer tree inside the step (the training loop passes its stacked train-state
+    parameters and the layout's `unstack`, training/layout.py)."""
     def eval_step(params, batch):
+        if params_view is not None:
+            params = params_view(params)
         extra = {k: batch[k] for k in extra_keys}
         logits, coarse = method.infer(model, params, batch["image"], batch["ids"], batch["att"],
                                       batch["mask"].shape[1:], **extra)

@@ -13,9 +13,10 @@ optimiser see about a third of the leaves (docs/benchmarks.md, "Stacked train st
 
 The groups are found by tracing the loss once (`discover`): exactly what `stacks.stack_trees`
 stacks, in its order, and only groups whose leaves the optimiser treats alike. Only the train
-state uses this layout: checkpoints, exported parameters, evaluation, pretrained imports and
-the converters see the per-layer tree (`unstack_state` before a save, `stack_state` after a
-restore), so checkpoints written before still restore.
+state uses this layout (the training loop's evaluation reads it through `unstack` inside its
+step): checkpoints, exported parameters, the evaluate and predict commands, pretrained imports
+and the converters see the per-layer tree (`unstack_state` before a save, `stack_state` after
+a restore), so checkpoints written before still restore.
 """
 
 from __future__ import annotations
@@ -131,6 +132,12 @@ class StackedLayout:
     @property
     def num_stacked_leaves(self) -> int:
         return sum(len(g) for g in self.groups)
+
+    def only(self, root_keys: Any) -> "StackedLayout":
+        """The layout of the subtree under `root_keys` (e.g. the model without the training
+        heads)."""
+        keys = frozenset(root_keys)
+        return StackedLayout(tuple(g for g in self.groups if g[0][0] in keys), keys)
 
     # Parameter trees -----------------------------------------------------------------------
 

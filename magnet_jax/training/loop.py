@@ -41,7 +41,7 @@ from magnet_jax.training import checkpointing, layout
 from magnet_jax.evaluation.evaluator import evaluate_split, make_eval_step
 from magnet_jax.training.layout import StackedLayout
 from magnet_jax.training.optimizer import as_optimizer_config, leaf_treatment, make_optimizer
-from magnet_jax.training.step import (abstract_params, init_train_state, jit_train_step,
+from magnet_jax.training.step import (abstract_boxed_params, init_train_state, jit_train_step,
                                       make_train_step)
 from magnet_jax.writers import MetricWriter
 
@@ -227,17 +227,22 @@ def optimizer_config(config, total_steps: int, mesh=None):
         raise ConfigError(f"optim: {e}") from None
 
 
-def train_layout(config, model, objective: Objective, opt_cfg, mesh) -> StackedLayout:
+def train_layout(config, model, objective: Objective, opt_cfg, mesh,
+                 boxed_params: dict | None = None) -> StackedLayout:
     """How the train state stores the parameters (training/layout.py): each group of layers the
     model scans over as one stacked array, found by tracing the loss once; per layer when
-    train.stack_layers is off or the model scans nothing (model.scan_layers off)."""
+    train.stack_layers is off or the model scans nothing (model.scan_layers off).
+    boxed_params: the state's `abstract_boxed_params`, if the caller has it."""
     if not config.train.get("stack_layers", True) or not config.model.get("scan_layers", True):
         return StackedLayout()
     import flax.linen as nn
     from magnet_jax.training.random_batch import random_train_batch
     model_cfg = config.model
-    params = abstract_params(model, objective.init_heads, int(model_cfg.image_size),
-                             config.seed, int(model_cfg.max_tokens))
+    if boxed_params is None:
+        boxed_params = abstract_boxed_params(model, objective.init_heads,
+                                             int(model_cfg.image_size), config.seed,
+                                             int(model_cfg.max_tokens))
+    params = nn.unbox(boxed_params)
     batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype)      # shapes only: one example
              for k, v in random_train_batch(config, objective, 1, config.seed).items()}
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
@@ -247,7 +252,8 @@ def train_layout(config, model, objective: Objective, opt_cfg, mesh) -> StackedL
 
 class LayoutConversions:
     """The jitted conversions between the stacked train state and the per-layer trees that
-    checkpoints, evaluation and export use (identity when the layout stacks nothing)."""
+    checkpoints, pretrained imports and export use (identity when the layout stacks
+    nothing)."""
 
     def __init__(self, layout_: StackedLayout, state_shardings):
         self.layout = layout_
@@ -409,19 +415,24 @@ def train(config, workdir: str | os.PathLike, *, allow_config_change: bool = Fal
     image_size = int(model_cfg.image_size)
     objective = objective_from_config(config, method, model)
     opt_cfg = optimizer_config(config, total_steps, mesh)
-    state_layout = train_layout(config, model, objective, opt_cfg, mesh)
+    boxed_params = abstract_boxed_params(model, objective.init_heads, image_size, config.seed,
+                                         int(model_cfg.max_tokens))
+    state_layout = train_layout(config, model, objective, opt_cfg, mesh, boxed_params)
     state, state_shardings, tx = init_train_state(
         model, objective.init_heads, lambda p: make_optimizer(p, opt_cfg, state_layout),
         image_size, config.seed, mesh, max_tokens=int(model_cfg.max_tokens),
-        layout=state_layout)
+        layout=state_layout, boxed_params=boxed_params)
     train_step = jit_train_step(
         make_train_step(objective.loss_fn, tx, config.seed, config.train.accumulation_steps,
                         opt_cfg.flat_global_norm, state_layout),
         state_shardings, mesh, compiler_options=compiler_options)
     convert = LayoutConversions(state_layout, state_shardings)
-    model_param_shardings = objective.model_params(convert.per_layer_shardings.params)
     extra_keys = tuple(method.extra_input_specs(model_cfg, image_size))
-    eval_step = make_eval_step(method, model, model_param_shardings, mesh, extra_keys)
+    # Evaluation reads the train state's parameters as stored: no conversion per evaluation,
+    # and XLA folds the in-graph split into the model's own stacking.
+    eval_params_shardings = objective.model_params(state_shardings.params)
+    eval_step = make_eval_step(method, model, eval_params_shardings, mesh, extra_keys,
+                               params_view=state_layout.only(eval_params_shardings).unstack)
 
     ckpt = checkpointing.TrainCheckpoints(
         workdir, max_to_keep=config.checkpoint.max_to_keep, keep_best=config.checkpoint.keep_best,
@@ -456,7 +467,7 @@ def train(config, workdir: str | os.PathLike, *, allow_config_change: bool = Fal
 
     def run_eval(at_step: int) -> dict[str, float]:
         results: dict[str, float] = {}
-        params = objective.model_params(convert.per_layer_params(state.params))
+        params = objective.model_params(state.params)
         for i, (name, split_dir, split) in enumerate(targets):
             r = evaluate_split(eval_step, params, split_dir, split, image_size=image_size,
                                global_batch=config.eval.batch_size, mesh=mesh,

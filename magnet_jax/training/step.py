@@ -109,43 +109,53 @@ def _boxed_params(model: nn.Module, init_heads: Callable[[jax.Array], dict] | No
     return params
 
 
+def abstract_boxed_params(model: nn.Module, init_heads: Callable[[jax.Array], dict] | None,
+                          image_size: int, seed: int, max_tokens: int = 20) -> dict:
+    """The per-layer parameter tree of the train state as ShapeDtypeStructs in their logical
+    annotations (one trace of the init; pass it on to `abstract_train_state` and
+    `init_train_state` to spare them another)."""
+    return jax.eval_shape(lambda k: _boxed_params(model, init_heads, image_size, max_tokens, k),
+                          jax.random.key(seed))
+
+
 def abstract_params(model: nn.Module, init_heads: Callable[[jax.Array], dict] | None,
                     image_size: int, seed: int, max_tokens: int = 20) -> dict:
     """ShapeDtypeStructs of the per-layer parameter tree of the train state (no shardings)."""
-    return nn.unbox(jax.eval_shape(
-        lambda k: _boxed_params(model, init_heads, image_size, max_tokens, k),
-        jax.random.key(seed)))
+    return nn.unbox(abstract_boxed_params(model, init_heads, image_size, seed, max_tokens))
 
 
 def abstract_train_state(model: nn.Module, init_heads: Callable[[jax.Array], dict] | None,
                          make_tx: Callable[[Any], Any], image_size: int, seed: int, mesh: Mesh,
-                         max_tokens: int = 20, layout: StackedLayout | None = None):
+                         max_tokens: int = 20, layout: StackedLayout | None = None,
+                         boxed_params: dict | None = None):
     """The train state's shapes and shardings, without computing it (no compilation).
 
     init_heads(key) -> {name: boxed params} of the objective's training-only heads (None: none).
     make_tx(abstract params) -> optax transformation (the groups depend on the tree).
     layout: store the parameters (and so the optimiser's moments) stacked
     (training/layout.py); make_tx then receives the stacked tree.
+    boxed_params: `abstract_boxed_params` of the same arguments, if the caller has it.
     Returns (boxed_state: key -> boxed state, abstract state (ShapeDtypeStructs with their
     shardings), state_shardings, tx).
     """
     layout = layout or StackedLayout()
-
-    def boxed_params(key):
-        return layout.stack(_boxed_params(model, init_heads, image_size, max_tokens, key))
-
-    key = jax.random.key(seed)
+    if boxed_params is None:
+        boxed_params = abstract_boxed_params(model, init_heads, image_size, seed, max_tokens)
+    boxed_params = layout.stack(boxed_params)
     # The optimiser groups only need the tree's paths and shapes.
-    tx = make_tx(nn.unbox(jax.eval_shape(boxed_params, key)))
+    tx = make_tx(nn.unbox(boxed_params))
 
-    def boxed_state(key):
+    def state_of(params):
         # The optimiser state is created from the boxed params, so its moments inherit the
         # parameters' logical annotations and are sharded like them (jax_stack.md §2.3).
-        params = boxed_params(key)
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
+    def boxed_state(key):
+        return state_of(layout.stack(_boxed_params(model, init_heads, image_size, max_tokens,
+                                                   key)))
+
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
-        boxed = jax.eval_shape(boxed_state, key)
+        boxed = jax.eval_shape(state_of, boxed_params)
         shardings = sharding.logical_shardings(boxed, mesh)
     abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                             nn.unbox(boxed), shardings)
@@ -154,15 +164,17 @@ def abstract_train_state(model: nn.Module, init_heads: Callable[[jax.Array], dic
 
 def init_train_state(model: nn.Module, init_heads: Callable[[jax.Array], dict] | None,
                      make_tx: Callable[[Any], Any], image_size: int, seed: int, mesh: Mesh,
-                     max_tokens: int = 20, layout: StackedLayout | None = None):
+                     max_tokens: int = 20, layout: StackedLayout | None = None,
+                     boxed_params: dict | None = None):
     """Create the sharded train state directly on the mesh (no replicated host copy).
 
     make_tx(abstract params) -> optax transformation (the groups depend on the tree).
-    layout: as in `abstract_train_state`.
+    layout, boxed_params: as in `abstract_train_state`.
     Returns (state, state_shardings, tx).
     """
     boxed_state, _, shardings, tx = abstract_train_state(model, init_heads, make_tx, image_size,
-                                                         seed, mesh, max_tokens, layout)
+                                                         seed, mesh, max_tokens, layout,
+                                                         boxed_params)
     state = jax.jit(lambda k: nn.unbox(boxed_state(k)),
                     out_shardings=shardings)(jax.random.key(seed))
     return state, shardings, tx

@@ -268,3 +268,41 @@ def test_the_stacked_state_is_the_per_layer_state_on_an_fsdp_mesh():
         s, p = stacked_flat[group[0]], per_layer_flat[group[0]]
         assert s.shape == (len(group),) + p.shape and spec(s) == (None,) + spec(p)
     assert any("fsdp" in spec(stacked_flat[g[0]]) for g in found.groups)
+
+
+def test_evaluation_reads_the_stacked_parameters_as_the_per_layer_ones():
+    """The training loop's eval step on the stacked train-state parameters (the layout's
+    `unstack` as its params_view) gives the per-layer step's I, U and mask logits; the
+    training heads' groups are left out of the model's layout."""
+    from jax.sharding import NamedSharding, PartitionSpec
+    from tests.training.test_loop import tiny_config
+    from magnet_jax.evaluation.evaluator import make_eval_step
+    from magnet_jax.models import random_params
+    from magnet_jax.training import loop
+
+    config = tiny_config()
+    mesh = loop.make_run_mesh(config)
+    method, model_cfg, model = loop.model_from_config(config)
+    objective = loop.objective_from_config(config, method, model)
+    found = loop.train_layout(config, model, objective, loop.optimizer_config(config, 10, mesh),
+                              mesh)
+    size, tokens = int(model_cfg.image_size), int(model_cfg.max_tokens)
+    params = random_params(model, size, 3)
+    model_layout = found.only(params)
+    assert model_layout and set(model_layout.root_keys) == set(params)
+    stacked = model_layout.stack(params)
+
+    def step(tree, view=None):
+        shardings = jax.tree.map(lambda _: NamedSharding(mesh, PartitionSpec()), tree)
+        return make_eval_step(method, model, shardings, mesh, params_view=view)
+
+    rng = np.random.default_rng(0)
+    batch = {"image": rng.standard_normal((8, size, size, 3)).astype(np.float32),
+             "ids": rng.integers(1000, 2000, (8, tokens)).astype(np.int32),
+             "att": (np.arange(tokens)[None] < rng.integers(3, tokens, (8, 1))).astype(np.int32),
+             "mask": (rng.random((8, size, size)) > 0.5).astype(np.int32)}
+    expected = step(params)(params, batch)
+    got = step(stacked, model_layout.unstack)(stacked, batch)
+    np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(expected[0]))
+    np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(expected[1]))
+    np.testing.assert_allclose(np.asarray(got[2]), np.asarray(expected[2]), rtol=1e-6, atol=1e-6)
