@@ -214,8 +214,9 @@ def _first_run_default(config: ml_collections.ConfigDict) -> None:
     three objects 1.5x the generator's base radius (most with a distractor of the target's
     shape), ordinals offered in half of the records that have one (16-18 % of val sentences),
     and language-side fusion gates that can train (official zeros never leave zero, so vision
-    never reaches the words). Unrolled layers: this small model's CPU step runs 1.16x faster
-    than scanned, for ~15 s more compilation (docs/benchmarks.md, "Compile time"); the
+    never reaches the words). Unrolled layers: this small model's CPU step runs 1.1x faster
+    than scanned (whose batched pyramid branches pad every scale to the 6x6 grid), for ~25 s
+    more compilation (docs/benchmarks.md, "Compile time", 2026-12-08); the
     parameters are the same."""
     config.data.synthetic.object_scale = 1.5
     config.data.synthetic.max_objects = 3
