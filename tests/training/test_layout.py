@@ -271,9 +271,9 @@ def test_the_stacked_state_is_the_per_layer_state_on_an_fsdp_mesh():
 
 
 def test_evaluation_reads_the_stacked_parameters_as_the_per_layer_ones():
-    """The training loop's eval step on the stacked train-state parameters (the layout's
-    `unstack` as its params_view) gives the per-layer step's I, U and mask logits; the
-    training heads' groups are left out of the model's layout."""
+    """The training loop's eval step on the stacked train-state parameters (the model's part
+    of the layout, its `unstack` as the params_view) gives the per-layer step's I, U and mask
+    logits."""
     from jax.sharding import NamedSharding, PartitionSpec
     from tests.training.test_loop import tiny_config
     from magnet_jax.evaluation.evaluator import make_eval_step
