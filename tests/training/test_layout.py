@@ -274,7 +274,6 @@ def test_evaluation_reads_the_stacked_parameters_as_the_per_layer_ones():
     """The training loop's eval step on the stacked train-state parameters (the model's part
     of the layout, its `unstack` as the params_view) gives the per-layer step's I, U and mask
     logits."""
-    from jax.sharding import NamedSharding, PartitionSpec
     from tests.training.test_loop import tiny_config
     from magnet_jax.evaluation.evaluator import make_eval_step
     from magnet_jax.models import random_params
@@ -293,7 +292,7 @@ def test_evaluation_reads_the_stacked_parameters_as_the_per_layer_ones():
     stacked = model_layout.stack(params)
 
     def step(tree, view=None):
-        shardings = jax.tree.map(lambda _: NamedSharding(mesh, PartitionSpec()), tree)
+        shardings = jax.tree.map(lambda _: sharding.replicated(mesh), tree)
         return make_eval_step(method, model, shardings, mesh, params_view=view)
 
     rng = np.random.default_rng(0)
